@@ -1,0 +1,304 @@
+"""Dataset sources that ``selfsup shards`` turns into WebDataset shards.
+
+Every source yields ``Sample(image, label, key)`` with ``image`` a uint8 array ``[H, W, C]`` and
+exposes ``classes``. Sources read from disk lazily where they can (image folders), so writing
+shards of a large folder never holds it in memory. The embedded default dataset ships inside the
+package so the demo and tests need no network and no apt.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_CLASSES = [
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class DatasetError(ValueError):
+    """A dataset path or file is missing or not in the expected format."""
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # uint8 [H, W, C]
+    label: int
+    key: str
+
+
+@dataclass
+class ArraySource:
+    """An in-memory dataset: uint8 images ``[N, H, W, C]`` and integer labels."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self.images)):
+            yield Sample(self.images[i], int(self.labels[i]), f"{self.name}-{i:08d}")
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST (idx)
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (optionally gzipped) as in LeCun's MNIST format."""
+    if not path.is_file():
+        raise DatasetError(f"idx file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path} is not a uint8 idx file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DatasetError(f"{path}: header says {dims} but holds {body.size} bytes (truncated?)")
+    return body.reshape(dims)
+
+
+def fashion_mnist(root: str | Path = FASHION_MNIST_DEBIAN_DIR, split: str = "train") -> ArraySource:
+    """Full Fashion-MNIST from its idx files (Debian's ``dataset-fashion-mnist`` or any folder)."""
+    root = Path(root)
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DatasetError(f"fashion-mnist split must be train or test, got {split!r}")
+
+    def find(stem: str) -> Path:
+        for name in (f"{stem}.gz", stem):
+            if (root / name).is_file():
+                return root / name
+        raise DatasetError(f"{root}: no {stem}[.gz] (is this a Fashion-MNIST idx folder?)")
+
+    images = _read_idx(find(f"{prefix}-images-idx3-ubyte"))[..., None]
+    labels = _read_idx(find(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    return ArraySource(f"fmnist-{split}", images, labels, list(FASHION_MNIST_CLASSES))
+
+
+# --------------------------------------------------------------------------- embedded default set
+EMBEDDED_FILE = "fashion_mnist_subset.npz"
+
+
+def build_embedded_subset(
+    root: str | Path, out: str | Path, per_class_train: int = 1000, per_class_test: int = 200
+) -> None:
+    """Write the stratified subset shipped as the embedded default dataset (run once, by hand).
+
+    ``python -c "from selfsup.pretrain.datasets import build_embedded_subset as b;
+    b('/usr/share/datasets/fashion-mnist', 'pretrain/data/fashion_mnist_subset.npz')"``
+    """
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        src = fashion_mnist(root, split)
+        picks = [
+            np.sort(rng.choice(np.flatnonzero(src.labels == c), per_class, replace=False))
+            for c in range(len(src.classes))
+        ]
+        idx = np.sort(np.concatenate(picks))
+        arrays[f"{split}_images"] = src.images[idx, :, :, 0]
+        arrays[f"{split}_labels"] = src.labels[idx].astype(np.uint8)
+    np.savez_compressed(out, **arrays)
+
+
+def embedded(split: str = "train") -> ArraySource:
+    """The embedded default dataset: stratified Fashion-MNIST subset, 10k train / 2k test, 28x28x1.
+
+    Fashion-MNIST is (c) 2017 Zalando SE, MIT licence (see ``pretrain/data/LICENSE-fashion-mnist.txt``).
+    """
+    if split not in ("train", "test"):
+        raise DatasetError(f"embedded split must be train or test, got {split!r}")
+    with resources.files("selfsup.pretrain").joinpath("data", EMBEDDED_FILE).open("rb") as f:
+        data = np.load(f)
+        images = data[f"{split}_images"][..., None]
+        labels = data[f"{split}_labels"].astype(np.int64)
+    return ArraySource(f"embedded-{split}", images, labels, list(FASHION_MNIST_CLASSES))
+
+
+# --------------------------------------------------------------------------- CIFAR python batches
+def cifar(root: str | Path, split: str = "train") -> ArraySource:
+    """CIFAR-10 or CIFAR-100 from the python-pickle batch folder users download.
+
+    CIFAR-10: ``data_batch_1..5`` / ``test_batch`` + ``batches.meta``;
+    CIFAR-100: ``train`` / ``test`` + ``meta`` (fine labels). The pickles are the dataset's own
+    format; only open folders you trust.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"CIFAR folder not found: {root}")
+
+    def unpickle(path: Path) -> dict:
+        if not path.is_file():
+            raise DatasetError(f"CIFAR batch file missing: {path}")
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+
+    if (root / "batches.meta").is_file():
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        classes = unpickle(root / "batches.meta")["label_names"]
+        label_key = "labels"
+    elif (root / "meta").is_file():
+        names = ["train"] if split == "train" else ["test"]
+        classes = unpickle(root / "meta")["fine_label_names"]
+        label_key = "fine_labels"
+    else:
+        raise DatasetError(f"{root}: neither batches.meta (CIFAR-10) nor meta (CIFAR-100) found")
+    if split not in ("train", "test"):
+        raise DatasetError(f"CIFAR split must be train or test, got {split!r}")
+    batches = [unpickle(root / n) for n in names]
+    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([np.asarray(b[label_key]) for b in batches]).astype(np.int64)
+    name = "cifar100" if label_key == "fine_labels" else "cifar10"
+    return ArraySource(f"{name}-{split}", images.transpose(0, 2, 3, 1).copy(), labels, classes)
+
+
+# --------------------------------------------------------------------------- image folder
+class ImageFolder:
+    """``root/<class>/<image>`` of any sizes; each image is resized (shorter side) and centre
+    cropped to ``size`` so that a shard set has one image shape, and converted to ``mode``."""
+
+    def __init__(self, root: str | Path, size: int = 64, mode: str = "RGB") -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"image folder not found: {self.root}")
+        if mode not in ("RGB", "L"):
+            raise DatasetError(f"image mode must be RGB or L, got {mode!r}")
+        self.size, self.mode = size, mode
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise DatasetError(f"{self.root}: no class sub-folders (expected root/<class>/<image>)")
+        self.files = [
+            (p, c)
+            for c, name in enumerate(self.classes)
+            for p in sorted((self.root / name).rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.files:
+            raise DatasetError(f"{self.root}: no images with suffix {sorted(IMAGE_SUFFIXES)}")
+        self.name = self.root.name
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, path: Path) -> np.ndarray:
+        with Image.open(path) as im:
+            im = im.convert(self.mode)
+            w, h = im.size
+            s = self.size / min(w, h)
+            im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            im = im.crop((left, top, left + self.size, top + self.size))
+            arr = np.asarray(im, dtype=np.uint8)
+        return arr[..., None] if arr.ndim == 2 else arr
+
+    def __iter__(self) -> Iterator[Sample]:
+        for path, label in self.files:
+            rel = path.relative_to(self.root).with_suffix("")
+            key = str(rel).replace("/", "_").replace(".", "_")
+            try:
+                image = self.load(path)
+            except OSError as e:  # an unreadable file names itself, not a decoder internals
+                raise DatasetError(f"cannot read image {path}: {e}") from e
+            yield Sample(image, label, key)
+
+
+# --------------------------------------------------------------------------- procedural shapes
+SHAPES = ["circle", "square", "triangle", "cross", "ring", "star"]
+
+
+def shapes(n: int, size: int = 32, seed: int = 0, name: str = "shapes") -> ArraySource:
+    """Procedural RGB images: label = shape; nuisances = colour, position, scale, rotation and a
+    textured background, all drawn from ``seed``. Our RGB dataset of any size and resolution."""
+    if n <= 0 or size < 8:
+        raise DatasetError(f"shapes needs n > 0 and size >= 8, got n={n}, size={size}")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, len(SHAPES), n)
+    for i in range(n):
+        images[i] = _draw_shape(rng, int(labels[i]), xx, yy)
+    return ArraySource(name, images, labels.astype(np.int64), list(SHAPES))
+
+
+def _draw_shape(rng: np.random.Generator, label: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    # background: two random colours mixed by a random stripe/checker texture
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    freq, phase = rng.uniform(2, 8), rng.uniform(0, 2 * np.pi)
+    theta_bg = rng.uniform(0, np.pi)
+    if rng.random() < 0.5:
+        tex = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(theta_bg) + yy * np.sin(theta_bg)) + phase)
+    else:
+        tex = ((np.floor(xx * freq) + np.floor(yy * freq)) % 2).astype(np.float32)
+    img = c0 * (1 - tex[..., None] * 0.35) * 0.6 + c1 * tex[..., None] * 0.25
+    # foreground shape in shape-local coordinates
+    cx, cy = rng.uniform(0.3, 0.7, 2)
+    scale = rng.uniform(0.15, 0.3)
+    rot = rng.uniform(0, 2 * np.pi)
+    u = ((xx - cx) * np.cos(rot) + (yy - cy) * np.sin(rot)) / scale
+    v = (-(xx - cx) * np.sin(rot) + (yy - cy) * np.cos(rot)) / scale
+    r = np.hypot(u, v)
+    name = SHAPES[label]
+    if name == "circle":
+        mask = r < 1
+    elif name == "square":
+        mask = (np.abs(u) < 0.85) & (np.abs(v) < 0.85)
+    elif name == "triangle":
+        mask = (v > -0.6) & (v < 1.2 - 1.9 * np.abs(u)) & (np.abs(u) < 1)
+    elif name == "cross":
+        mask = ((np.abs(u) < 0.3) & (np.abs(v) < 1)) | ((np.abs(v) < 0.3) & (np.abs(u) < 1))
+    elif name == "ring":
+        mask = (r < 1) & (r > 0.55)
+    else:  # star: radius modulated by angle
+        mask = r < 0.55 + 0.45 * np.cos(5 * np.arctan2(v, u))
+    colour = rng.uniform(0.3, 1, 3)
+    img = np.where(mask[..., None], colour, img)
+    img = img + rng.normal(0, 0.03, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- one entry point
+SOURCES = ("embedded", "fashion-mnist", "cifar", "folder", "shapes")
+
+
+def open_source(
+    kind: str,
+    *,
+    path: str | None = None,
+    split: str = "train",
+    size: int = 64,
+    mode: str = "RGB",
+    count: int = 10000,
+    seed: int = 0,
+) -> ArraySource | ImageFolder:
+    """Open one of ``SOURCES`` by name (what ``selfsup shards --source`` takes)."""
+    if kind == "embedded":
+        return embedded(split)
+    if kind == "fashion-mnist":
+        return fashion_mnist(path or FASHION_MNIST_DEBIAN_DIR, split)
+    if kind == "cifar":
+        if not path:
+            raise DatasetError("--source cifar needs --path to the CIFAR python batch folder")
+        return cifar(path, split)
+    if kind == "folder":
+        if not path:
+            raise DatasetError("--source folder needs --path root/<class>/<image>")
+        return ImageFolder(path, size=size, mode=mode)
+    if kind == "shapes":
+        return shapes(count, size=size, seed=seed + (0 if split == "train" else 1_000_003), name=f"shapes-{split}")
+    raise DatasetError(f"unknown source {kind!r}; choose one of {', '.join(SOURCES)}")
