@@ -1,8 +1,50 @@
-"""SimCLR (Chen et al. 2020): initial contract; the owner fills in the method."""
+"""SimCLR (Chen et al. 2020): two augmented views, an MLP projection head, NT-Xent over all processes.
+
+Negatives come from every process. Each process embeds its local batch of ``n`` images (``2n``
+views), gathers the ``2N`` embeddings of all processes with a gather that carries gradients back
+(``selfsup.pretrain.distributed.all_gather_grad``), and scores its ``2n`` local anchors against all
+``2N`` keys: the positive of a view is the other view of the same image, found at a rank-offset
+index in the gathered keys; the anchor's own key is masked. The loss is the mean over local
+anchors. DDP averages the per-process gradients, and each process's gradient also holds the terms
+the other processes' losses send back through the gather, so the update equals that of one process
+holding the whole global batch (checked to 1e-10 in fp64 by tests/test_simclr.py). Batch-norm
+statistics stay per process (per GradCache sub-batch in that mode), as in any DDP model without
+SyncBatchNorm.
+
+Memory, with global batch ``N`` over ``P`` processes (``n = N / P``), embedding dim ``D``, ``a``
+bytes of backbone+head activations per view, fp32 logits (4 bytes):
+
+- plain loss (``loss_chunk = 0``): ``2n * a`` activations + about ``3 * 4 * (2n) * (2N)`` bytes
+  for the logits, their log-softmax (kept for backward) and its gradient: O(n N).
+- chunked loss (``loss_chunk = c``): ``2n * a`` + about ``3 * 4 * c * (2N)`` transient bytes for one
+  block of rows (its gradient is formed in the forward pass and the block freed) +
+  ``4 * 2 * (2N + 2n) * D`` for the keys and their gradients: O(c N + N D).
+- GradCache (``grad_cache_chunk = g``): ``2g * a`` activations (one sub-batch at a time) +
+  ``2 * 4 * 2n * D`` for the cached embeddings and their gradients + the loss term above. The
+  number of negatives is then bounded by the O(N D) terms, not by activation memory; the price is
+  one extra forward pass (about +1/3 compute).
+
+Gradient accumulation does NOT add negatives (each micro-batch only sees its own keys); GradCache
+does, at the same peak activation memory.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.distributed import all_gather_grad, get_rank
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from selfsup.pretrain.methods.base import DataInfo
+
+    from selfsup.config import Config
 
 
 @dataclass
@@ -10,6 +52,237 @@ class SimCLRConfig:
     temperature: float = 0.2
     proj_hidden: int = 512
     proj_out: int = 128
-    proj_layers: int = 2
+    proj_layers: int = 2  # Linear layers in the head; all but the last are followed by BN + ReLU
     loss_chunk: int = 0  # rows of the logit matrix per chunk; 0 = whole matrix at once
-    grad_cache_chunk: int = 0  # >0: GradCache mode, embed sub-batches of this size
+    grad_cache_chunk: int = 0  # >0: GradCache mode, embed sub-batches of this many images
+
+
+class ProjectionHead(nn.Module):
+    """``Linear -> BN -> ReLU`` repeated, then a final ``Linear`` (SimCLR's nonlinear head)."""
+
+    def __init__(self, in_dim: int, hidden: int, out: int, layers: int):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"method.simclr.proj_layers must be >= 1, got {layers}")
+        mods: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(True)]
+            dim = hidden
+        mods.append(nn.Linear(dim, out))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class InfoNCEResult(NamedTuple):
+    loss: Tensor  # scalar, mean over local anchors, differentiable
+    acc: Tensor  # fraction of local anchors whose top-1 key (self excluded) is the positive
+
+
+class _ChunkedInfoNCE(torch.autograd.Function):
+    """Cross-entropy of ``anchors @ keys.T`` over row blocks, never holding the whole matrix.
+
+    The loss is a scalar at the end of the graph, so its gradient w.r.t. each block of logits,
+    ``softmax - onehot``, is known in the forward pass: each block's contribution to the anchor
+    and key gradients is accumulated there and the block freed. Backward only scales the stored
+    gradients by the incoming scalar (no recomputation). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, keys, self_idx, pos_idx, chunk: int, want_grad: bool):
+        m = anchors.shape[0]
+        total = anchors.new_zeros(())
+        correct = torch.zeros((), dtype=torch.long, device=anchors.device)
+        grad_a = torch.empty_like(anchors) if want_grad else None
+        grad_k = torch.zeros_like(keys) if want_grad else None
+        for s in range(0, m, chunk):
+            e = min(s + chunk, m)
+            a = anchors[s:e]
+            rows = torch.arange(e - s, device=anchors.device)
+            pos = pos_idx[s:e]
+            logits = a @ keys.T
+            logits[rows, self_idx[s:e]] = float("-inf")
+            lse = torch.logsumexp(logits, dim=1)
+            total += (lse - logits[rows, pos]).sum()
+            correct += (logits.argmax(dim=1) == pos).sum()
+            if want_grad:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax; the masked self entry becomes 0
+                p[rows, pos] -= 1.0
+                torch.mm(p, keys, out=grad_a[s:e])
+                grad_k.addmm_(p.T, a)
+        if want_grad:
+            ctx.save_for_backward(grad_a / m, grad_k / m)
+        acc = correct.to(anchors.dtype) / m
+        ctx.mark_non_differentiable(acc)
+        return total / m, acc
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_acc):
+        grad_a, grad_k = ctx.saved_tensors
+        return grad_a * grad_loss, grad_k * grad_loss, None, None, None, None
+
+
+def info_nce(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    *,
+    chunk: int = 0,
+    gather: Callable[[Tensor], Tensor] = all_gather_grad,
+) -> InfoNCEResult:
+    """NT-Xent for two views: local anchors against the keys of every process.
+
+    ``z1``, ``z2``: this process's embeddings ``[n, D]`` of view 1 and 2 (same ``n`` on every
+    process), not necessarily normalised. ``gather`` concatenates a tensor over processes in rank
+    order (identity with one process). Logits are computed in fp32 (fp64 if the input is fp64),
+    outside autocast. ``chunk > 0`` processes that many anchor rows at a time (same value and
+    gradient, O(chunk * N) memory instead of O(n * N)).
+    """
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(
+            f"info_nce: z1 and z2 must both be [n, D], got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"method.simclr.temperature must be > 0, got {temperature}")
+    if chunk < 0:
+        raise ValueError(f"method.simclr.loss_chunk must be >= 0, got {chunk}")
+    n = z1.shape[0]
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    with torch.autocast(z1.device.type, enabled=False):
+        local = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # [2n, D]: view 1 then view 2
+        keys = gather(local)  # [2N, D], rank-major: rank r holds rows r*2n .. r*2n + 2n - 1
+        offset = get_rank() * 2 * n
+        idx = torch.arange(2 * n, device=local.device)
+        self_idx = offset + idx
+        pos_idx = offset + (idx + n) % (2 * n)
+        anchors = local / temperature
+        if chunk == 0:
+            logits = anchors @ keys.T
+            logits[idx, self_idx] = float("-inf")
+            loss = F.cross_entropy(logits, pos_idx)
+            with torch.no_grad():
+                acc = (logits.argmax(dim=1) == pos_idx).to(dtype).mean()
+            return InfoNCEResult(loss, acc)
+        want_grad = torch.is_grad_enabled() and (anchors.requires_grad or keys.requires_grad)
+        loss, acc = _ChunkedInfoNCE.apply(anchors, keys, self_idx, pos_idx, chunk, want_grad)
+        return InfoNCEResult(loss, acc)
+
+
+class _RngReplay:
+    """Captures the RNG state before a forward pass so the re-forward draws the same numbers
+    (dropout / drop-path in a backbone would otherwise differ between GradCache's two passes)."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=self.devices)
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu)
+        for d, state in zip(self.devices, self.cuda, strict=True):
+            torch.cuda.set_rng_state(state, d)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)
+
+
+class SimCLR(nn.Module):
+    """Backbone + projection head + on-device views; ``forward(uint8 images) -> (loss, logs)``.
+
+    With ``grad_cache_chunk > 0`` the training loop must call ``train_step`` instead
+    (``owns_backward`` is True): the loss over the whole batch is computed from embeddings made
+    without a graph, and the backbone is then re-run one sub-batch at a time with the cached
+    embedding gradients.
+    """
+
+    def __init__(self, cfg: Config, info: DataInfo):
+        super().__init__()
+        # imported here so the loss can be used (and tested) without the augment package
+        from selfsup.augment.views import build_views
+
+        self.cfg = cfg.method.simclr
+        if self.cfg.grad_cache_chunk < 0:
+            raise ValueError(
+                f"method.simclr.grad_cache_chunk must be >= 0, got {self.cfg.grad_cache_chunk}"
+            )
+        self.views = build_views(cfg.augment, info)
+        self.backbone = build_backbone(
+            cfg.model, info.channels, cfg.augment.size or info.image_size
+        )
+        self.head = ProjectionHead(
+            self.backbone.feature_dim, self.cfg.proj_hidden, self.cfg.proj_out, self.cfg.proj_layers
+        )
+        self.owns_backward = self.cfg.grad_cache_chunk > 0
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Projection ``[B, proj_out]`` of normalised float images (before L2 normalisation)."""
+        return self.head(self.backbone(x))
+
+    def make_views(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            v1, v2 = self.views(images, n_views=2)
+        return v1, v2
+
+    def loss_from_views(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Loss of two aligned batches of views (one forward pass over both)."""
+        z1, z2 = self.embed(torch.cat([v1, v2])).chunk(2)
+        return self._loss(z1, z2)
+
+    def _loss(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, dict[str, float]]:
+        out = info_nce(z1, z2, self.cfg.temperature, chunk=self.cfg.loss_chunk)
+        with torch.no_grad():
+            pos_sim = F.cosine_similarity(z1.float(), z2.float(), dim=1).mean()
+        logs = {"loss": out.loss.item(), "acc": out.acc.item(), "pos_sim": pos_sim.item()}
+        return out.loss, logs
+
+    def forward(
+        self, images: Tensor, *, embed_only: bool = False
+    ) -> tuple[Tensor, dict[str, float]] | Tensor:
+        """``(loss, logs)`` for a uint8 batch; with ``embed_only`` the projections of float
+        views (the entry point GradCache uses, so its passes run through the DDP wrapper)."""
+        if embed_only:
+            return self.embed(images)
+        return self.loss_from_views(*self.make_views(images))
+
+    def train_step(self, images: Tensor, model: nn.Module, accelerator: Any) -> tuple[Tensor, dict]:
+        """GradCache step: forward, loss and backward over the whole batch; no optimizer step.
+
+        ``model`` is the wrapped (DDP) module whose ``forward(x, embed_only=True)`` is this
+        module's ``embed``. Gradients are synchronised on the last sub-batch's backward only.
+        """
+        return grad_cache_step(self, *self.make_views(images), model, accelerator)
+
+
+def grad_cache_step(
+    method: SimCLR, v1: Tensor, v2: Tensor, model: nn.Module, accelerator: Any
+) -> tuple[Tensor, dict[str, float]]:
+    """GradCache (Gao et al. 2021) on given views: see ``SimCLR.train_step``."""
+    g = method.cfg.grad_cache_chunk
+    n = v1.shape[0]
+    bounds = [(s, min(s + g, n)) for s in range(0, n, g)]
+    inputs = [torch.cat([v1[s:e], v2[s:e]]) for s, e in bounds]
+    rngs = []
+    with torch.no_grad():
+        parts = []
+        for x in inputs:
+            rngs.append(_RngReplay(x.device))
+            parts.append(model(x, embed_only=True))
+    z1 = torch.cat([p[: e - s] for p, (s, e) in zip(parts, bounds, strict=True)]).detach()
+    z2 = torch.cat([p[e - s :] for p, (s, e) in zip(parts, bounds, strict=True)]).detach()
+    z1.requires_grad_(True)
+    z2.requires_grad_(True)
+    loss, logs = method._loss(z1, z2)
+    loss.backward()  # only to the cached embeddings: no parameter is in this graph
+    for i, ((s, e), x, rng) in enumerate(zip(bounds, inputs, rngs, strict=True)):
+        cached = torch.cat([z1.grad[s:e], z2.grad[s:e]])
+        last = i == len(inputs) - 1
+        with nullcontext() if last else accelerator.no_sync(model), rng:
+            z = model(x, embed_only=True)
+            # d/dθ of <z(θ), cached> is exactly the chain rule through the cached gradient;
+            # going through accelerator.backward keeps loss scaling and accumulation intact
+            accelerator.backward((z.to(cached.dtype) * cached).sum())
+    return loss.detach(), logs

@@ -1,0 +1,144 @@
+"""Optimisers and the learning-rate schedule shared by every method.
+
+Learning rate = ``base_lr * global_batch / 256`` (Goyal et al. 2017 linear scaling). Parameters
+with at most one dimension (biases, BatchNorm/LayerNorm scales and shifts) and those a model lists
+in ``no_weight_decay()`` (timm's convention: position embeddings, class token) get no weight decay
+and, under LARS, no trust-ratio adaptation: scaling them by ``||w|| / ||g||`` destabilises
+training (You et al. 2017; SimCLR excludes them the same way).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from selfsup.config import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio ``eta * ||w|| / ||g + wd w||``.
+
+    A group with ``lars_exclude=True`` is plain momentum SGD (its weight decay should be 0).
+    Update: ``g' = g + wd w``; ``g' *= trust`` (not excluded, both norms > 0);
+    ``buf = momentum * buf + g'``; ``w -= lr * buf``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        eta: float = 0.001,
+    ):
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or eta <= 0:
+            raise ValueError(
+                f"LARS: bad hyper-parameters lr={lr} weight_decay={weight_decay} "
+                f"momentum={momentum} eta={eta}"
+            )
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not group["lars_exclude"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    one = torch.ones_like(w_norm)
+                    trust = torch.where(
+                        (w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, one
+                    )
+                    d = d.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(d).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters with weight decay, parameters without), trainable ones only."""
+    skip_fn = getattr(model, "no_weight_decay", None)
+    skip = set(skip_fn()) if callable(skip_fn) else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        excluded = p.ndim <= 1 or name in skip or name.split(".")[-1] in skip
+        (no_decay if excluded else decay).append(p)
+    return decay, no_decay
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    if global_batch <= 0:
+        raise ValueError(f"global batch must be > 0, got {global_batch}")
+    return base_lr * global_batch / 256
+
+
+def build_optimizer(optim_cfg: OptimConfig, model: nn.Module, global_batch: int):
+    """``optim_cfg.name`` (lars | adamw | sgd) over ``model``'s parameters, lr linearly scaled."""
+    lr = scaled_lr(optim_cfg.base_lr, global_batch)
+    decay, no_decay = split_decay(model)
+    wd = optim_cfg.weight_decay
+    groups = [
+        {"params": decay, "weight_decay": wd},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters")
+    name = optim_cfg.name
+    if name == "lars":
+        for g in groups:
+            g["lars_exclude"] = g["weight_decay"] == 0.0 and g["params"] is no_decay
+        return LARS(groups, lr=lr, momentum=optim_cfg.momentum, eta=optim_cfg.lars_eta)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
+    raise ValueError(f"optim.name: unknown optimiser '{name}' (known: lars, adamw, sgd)")
+
+
+@dataclass
+class WarmupCosine:
+    """LR factor at optimiser step ``t``: linear warmup to 1 over ``warmup_steps``, then a cosine
+    to ``min_ratio`` reached just after the last of ``total_steps`` steps. A plain-data callable,
+    so ``LambdaLR.state_dict()`` stores its fields (numbers) and loads with ``weights_only``."""
+
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float = 0.0
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup_steps:
+            return (t + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (t - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int):
+    """Per-iteration warmup + cosine (``scheduler.step()`` after every optimiser step)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    warmup = int(round(optim_cfg.warmup * total_steps))
+    fn = WarmupCosine(warmup, total_steps, optim_cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
