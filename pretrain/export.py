@@ -1,0 +1,409 @@
+"""Export a run's backbone as a self-describing folder, and load a backbone back in one call.
+
+An export folder is what a user downloads and keeps:
+
+- ``backbone.safetensors``: the backbone's weights with torchvision (ResNet) / timm (ViT) parameter
+  names, so it loads into ``torchvision.models.resnet18()`` or the matching timm ViT with
+  ``strict=False`` (only the classifier head is missing). safetensors, not pickle: loading it runs
+  no code.
+- ``config.json``: everything needed to rebuild the module and feed it: architecture (the
+  ``ModelConfig`` fields), input size, channels, normalisation mean/std, the method that trained it.
+- ``README.md``: a model card (method, data, steps, evaluation figures when the run has them).
+- ``backbone.onnx`` (optional): the same network for ONNX runtimes, checked against PyTorch.
+
+``load_backbone`` reads either such a folder or a run directory (its latest checkpoint), so
+evaluation and users need one call whatever they hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from selfsup.pretrain.methods.base import DataInfo
+from torch import nn
+
+from selfsup import __version__
+from selfsup.config import Config, ConfigError, ModelConfig, from_dict, load_config
+
+FORMAT = "selfsup-backbone"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "backbone.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+ONNX_FILE = "backbone.onnx"
+BACKBONE_PREFIX = "backbone."
+# Prefixes a wrapped module puts before its parameter names (DDP / Accelerate, torch.compile).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+ONNX_TOLERANCE = 1e-4  # max |onnx - torch| on unit-scale features; fp32 kernels differ ~1e-6
+
+
+class ExportError(ValueError):
+    """A run or export folder cannot be read or written; the message names the file and why."""
+
+
+@dataclass
+class RunCheckpoint:
+    """The pieces of a run that describe its backbone at one checkpoint."""
+
+    run_dir: Path
+    checkpoint: Path
+    cfg: Config
+    info: DataInfo
+    backbone_state: dict[str, torch.Tensor]
+    step: int
+
+
+def read_data_info(path: Path) -> DataInfo:
+    """DataInfo from a JSON object with its fields (``data_info.json`` or a config.json section)."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ExportError(f"{path}: missing (it holds channels, image size, mean and std)") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: not readable JSON ({e})") from e
+    return data_info_from_dict(raw, str(path))
+
+
+def data_info_from_dict(raw: Any, source: str) -> DataInfo:
+    names = [f.name for f in dataclasses.fields(DataInfo)]
+    if not isinstance(raw, dict) or any(n not in raw for n in names):
+        raise ExportError(f"{source}: expected an object with keys {', '.join(names)}")
+    try:
+        info = DataInfo(
+            channels=int(raw["channels"]),
+            image_size=int(raw["image_size"]),
+            mean=tuple(float(v) for v in raw["mean"]),
+            std=tuple(float(v) for v in raw["std"]),
+        )
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{source}: bad data info values ({e})") from e
+    if info.channels <= 0 or info.image_size <= 0:
+        raise ExportError(f"{source}: channels and image_size must be > 0, got {raw}")
+    if len(info.mean) != info.channels or len(info.std) != info.channels:
+        raise ExportError(f"{source}: mean/std need one value per channel ({info.channels})")
+    return info
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint file named by ``checkpoints/latest`` (else the highest ``step-*.pt``)."""
+    ckdir = run_dir / "checkpoints"
+    pointer = ckdir / "latest"
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        path = ckdir / name
+        if not name or not path.is_file():
+            raise ExportError(f"{pointer} names '{name}', which is not a file in {ckdir}")
+        return path
+    found = sorted(ckdir.glob("step-*.pt"))
+    if not found:
+        raise ExportError(f"{run_dir}: no checkpoint (no {pointer} and no {ckdir}/step-*.pt)")
+    return found[-1]
+
+
+def backbone_state_dict(model_state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """The backbone's entries of a method's state dict, with the ``backbone.`` prefix removed."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model_state.items():
+        name = key
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix) :], True
+        if name.startswith(BACKBONE_PREFIX) and isinstance(value, torch.Tensor):
+            out[name[len(BACKBONE_PREFIX) :]] = value
+    if not out:
+        raise ExportError(f"{source}: the model state has no '{BACKBONE_PREFIX}*' entries")
+    return out
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+        raise ExportError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ExportError(f"{path}: not a selfsup checkpoint (expected a dict with 'model')")
+    return ckpt
+
+
+def read_run(path: str | Path) -> RunCheckpoint:
+    """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".pt":
+        run_dir, ckpt_path = path.parent.parent, path
+    elif path.is_dir():
+        run_dir, ckpt_path = path, latest_checkpoint(path)
+    else:
+        raise ExportError(f"{path}: no such run directory or checkpoint file")
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as e:
+        raise ExportError(f"{run_dir / 'config.yaml'}: {e}") from e
+    info = read_data_info(run_dir / "data_info.json")
+    ckpt = _torch_load(ckpt_path)
+    state = backbone_state_dict(ckpt["model"], str(ckpt_path))
+    return RunCheckpoint(run_dir, ckpt_path, cfg, info, state, int(ckpt.get("step", 0)))
+
+
+def _describe(model_cfg: ModelConfig, info: DataInfo) -> str:
+    arch = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model_cfg).items())
+    return f"model ({arch}) with {info.channels} channels at {info.image_size} px"
+
+
+def build_and_load(
+    model_cfg: ModelConfig, info: DataInfo, state: dict[str, torch.Tensor], source: str
+) -> nn.Module:
+    """Build the backbone ``model_cfg`` describes and load ``state`` strictly, in eval mode.
+
+    Mismatches are reported as names and shapes (not torch's long dump), so a wrong config or a
+    file from another architecture is obvious.
+    """
+    from selfsup.pretrain.backbones import build_backbone  # heavy; only when a model is built
+
+    try:
+        backbone = build_backbone(model_cfg, info.channels, info.image_size)
+    except (ValueError, KeyError) as e:
+        raise ExportError(f"{source}: cannot build {_describe(model_cfg, info)}: {e}") from e
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label}: {'; '.join(items[:5])}{more}")
+        raise ExportError(
+            f"{source}: weights do not match {_describe(model_cfg, info)}: " + " | ".join(parts)
+        )
+    backbone.load_state_dict(state, strict=True)
+    backbone.eval()
+    backbone.data_info = info
+    return backbone
+
+
+def _read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str, Any]]:
+    path = out_dir / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ExportError(f"{out_dir}: no {CONFIG_FILE} (not an export folder?)") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ExportError(f"{path}: not a {FORMAT} config (missing \"format\": \"{FORMAT}\")")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    try:
+        model_cfg = from_dict(ModelConfig, meta.get("architecture") or {}, "architecture")
+    except ConfigError as e:
+        raise ExportError(f"{path}: {e}") from e
+    info = data_info_from_dict(
+        {
+            "channels": meta.get("channels"),
+            "image_size": meta.get("image_size"),
+            "mean": meta.get("mean"),
+            "std": meta.get("std"),
+        },
+        str(path),
+    )
+    return model_cfg, info, meta
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """A ready backbone (eval mode, ``.data_info`` set) from an export folder or a run directory.
+
+    ``path`` may be an export folder (``backbone.safetensors`` + ``config.json``), a run directory
+    (its ``checkpoints/latest``), or one ``.pt`` checkpoint inside a run's ``checkpoints/``.
+    The backbone expects float input normalised with ``data_info.mean``/``std``
+    (``selfsup.augment.views.normalize``) and returns pooled features ``[B, feature_dim]``.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / WEIGHTS_FILE).exists():
+        model_cfg, info, _ = _read_export_config(path)
+        weights = path / WEIGHTS_FILE
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"{weights}: cannot read safetensors file ({e})") from e
+        return build_and_load(model_cfg, info, state, str(weights))
+    if path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.yaml").exists():
+        raise ExportError(f"{path}: export folder without {WEIGHTS_FILE}")
+    run = read_run(path)
+    return build_and_load(run.cfg.model, run.info, run.backbone_state, str(run.checkpoint))
+
+
+def param_naming(model_cfg: ModelConfig) -> str:
+    """Which reference library's names the weights follow, and the matching constructor if any."""
+    name = model_cfg.backbone
+    timm = ("vit_tiny", "vit_small", "vit_base")
+    torchvision = ("resnet18", "resnet34", "resnet50")
+    if name in timm:
+        return (
+            f"timm VisionTransformer (timm.create_model('{name}_patch"
+            f"{model_cfg.patch_size}_224', num_classes=0, img_size=..., in_chans=...))"
+        )
+    if name.startswith("vit"):
+        return "timm VisionTransformer naming (no timm preset of this size)"
+    if name in torchvision and model_cfg.stem == "imagenet" and model_cfg.width == 1.0:
+        return f"torchvision.models.{name}() (in_chans may differ from 3: see conv1.weight)"
+    return "torchvision ResNet naming (conv1, bn1, layerN.M..., no fc; no torchvision preset)"
+
+
+def export_onnx(backbone: nn.Module, info: DataInfo, path: Path, batch: int = 4) -> float:
+    """Write ``backbone`` as ONNX (dynamic batch) and return max |onnxruntime - torch| on a batch.
+
+    Raises ExportError when onnx/onnxruntime are missing or the outputs differ by more than
+    ONNX_TOLERANCE, so a broken graph is never shipped silently.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(
+            "ONNX export needs onnx and onnxruntime: pip install 'selfsup[onnx]'"
+        ) from e
+    gen = torch.Generator().manual_seed(0)
+    size = info.image_size
+    x = torch.randn(batch, info.channels, size, size, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but needs no onnxscript
+        torch.onnx.export(
+            backbone,
+            (x[:2],),
+            str(path),
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            dynamo=False,
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        want = backbone(x).float()
+    diff = float((got - want).abs().max())
+    if not math.isfinite(diff) or diff > ONNX_TOLERANCE:
+        raise ExportError(f"{path}: ONNX output differs from PyTorch by {diff:.3g}")
+    return diff
+
+
+def flatten_numbers(report: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """``(dotted.key, value)`` for every number in a nested JSON report, in file order."""
+    rows: list[tuple[str, float]] = []
+    if isinstance(report, dict):
+        for k, v in report.items():
+            rows += flatten_numbers(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(report, (int, float)) and not isinstance(report, bool):
+        rows.append((prefix, float(report)))
+    return rows
+
+
+def _eval_section(run_dir: Path) -> str:
+    report_path = run_dir / "eval" / "report.json"
+    if not report_path.is_file():
+        return "No evaluation report was found in the run directory (`selfsup eval` writes one).\n"
+    try:
+        rows = flatten_numbers(json.loads(report_path.read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        return f"The evaluation report could not be read ({e}).\n"
+    lines = ["From `eval/report.json` of the run:", "", "| metric | value |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(run: RunCheckpoint, meta: dict[str, Any]) -> str:
+    """The README.md of an export: what it is, how it was trained, how well, how to load it."""
+    cfg, info = run.cfg, run.info
+    arch = ", ".join(f"{k}={v}" for k, v in meta["architecture"].items())
+    return f"""# {cfg.model.backbone} pretrained with {cfg.method.name.upper()} (selfsup {__version__})
+
+Backbone only (no projection head, no classifier): it maps an image to a
+{meta["feature_dim"]}-dimensional feature vector.
+
+## Architecture
+- {arch}
+- Parameter names: {meta["param_naming"]}
+- Input: {info.channels} channel(s), {info.image_size}x{info.image_size} px, float, normalised per
+  channel as `(x / 255 - mean) / std` with mean = {list(info.mean)}, std = {list(info.std)}
+
+## Training
+- Method: {cfg.method.name} ({json.dumps(dataclasses.asdict(getattr(cfg.method, cfg.method.name)))})
+- Data: `{cfg.data.train or "(not recorded)"}`
+- Steps: {run.step} optimiser steps (recipe: {cfg.train.epochs} epochs, max_steps {cfg.train.max_steps}),
+  global batch {cfg.data.batch_size}, optimiser {cfg.optim.name} (base lr {cfg.optim.base_lr},
+  weight decay {cfg.optim.weight_decay}), precision {cfg.train.precision}
+- Checkpoint: `{run.checkpoint.name}` of run `{run.run_dir.name}`
+
+## Evaluation
+{_eval_section(run.run_dir)}
+## Loading
+```python
+import selfsup
+model = selfsup.load_backbone("path/to/this/folder")   # eval mode, model.data_info has mean/std
+```
+or, without selfsup:
+```python
+from safetensors.torch import load_file
+state = load_file("{WEIGHTS_FILE}")
+# model = <the reference architecture above, built with the same channels/stem>
+# model.load_state_dict(state, strict=False)   # only the classifier head is missing
+```
+
+## Files
+- `{WEIGHTS_FILE}`: weights (safetensors, no pickle)
+- `{CONFIG_FILE}`: architecture, input size, channels, normalisation, method
+{f"- `{ONNX_FILE}`: ONNX graph (dynamic batch), max |ONNX - PyTorch| = {meta['onnx_max_abs_diff']:.2g}" if "onnx_max_abs_diff" in meta else ""}
+"""
+
+
+def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) -> dict[str, Path]:
+    """Write the export folder for a run's latest checkpoint; returns the paths written.
+
+    The weights are rebuilt into a backbone first, so a checkpoint that does not match its config
+    fails here, not on the user's machine.
+    """
+    run = read_run(run_path)
+    out = Path(out_dir)
+    backbone = build_and_load(run.cfg.model, run.info, run.backbone_state, str(run.checkpoint))
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "selfsup_version": __version__,
+        "architecture": dataclasses.asdict(run.cfg.model),
+        "param_naming": param_naming(run.cfg.model),
+        "feature_dim": int(backbone.feature_dim),
+        "channels": run.info.channels,
+        "image_size": run.info.image_size,
+        "mean": list(run.info.mean),
+        "std": list(run.info.std),
+        "method": run.cfg.method.name,
+        "step": run.step,
+        "source_checkpoint": str(run.checkpoint),
+    }
+    paths = {"weights": out / WEIGHTS_FILE, "config": out / CONFIG_FILE, "card": out / CARD_FILE}
+    save_file(state, str(paths["weights"]), metadata={"format": "pt", "selfsup": FORMAT})
+    if onnx:
+        paths["onnx"] = out / ONNX_FILE
+        meta["onnx_max_abs_diff"] = export_onnx(backbone, run.info, paths["onnx"])
+    paths["config"].write_text(json.dumps(meta, indent=2) + "\n")
+    paths["card"].write_text(model_card(run, meta))
+    return paths

@@ -1,0 +1,438 @@
+"""Export and one-call loading: names match the reference architectures, weights and features
+survive the round trip bit for bit, ONNX agrees with PyTorch, and bad input fails clearly.
+
+Run directories are built by hand here (config.yaml, data_info.json, a checkpoint holding a
+method-like module's state dict with a ``backbone.`` prefix), exactly in the layout the trainer
+writes, so these tests do not depend on training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from selfsup.launch.cli import main as cli_main
+from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.export import (
+    CONFIG_FILE,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    ExportError,
+    export_run,
+    load_backbone,
+)
+from selfsup.pretrain.methods.base import DataInfo
+from torch import nn
+
+import selfsup
+from selfsup.config import load_config, save_config
+
+GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.286,), std=(0.353,))
+RGB32 = DataInfo(channels=3, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.24, 0.26))
+
+
+# ---------------------------------------------------------------- reference key lists
+# Written from the architecture definitions (torchvision.models.resnet, timm VisionTransformer),
+# independently of selfsup's modules, including the classifier head the backbone must lack.
+
+
+def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.weight": (c,),
+        f"{prefix}.bias": (c,),
+        f"{prefix}.running_mean": (c,),
+        f"{prefix}.running_var": (c,),
+        f"{prefix}.num_batches_tracked": (),
+    }
+
+
+def torchvision_resnet_keys(
+    blocks: tuple[int, ...], bottleneck: bool, in_chans: int, stem: str, base: int = 64
+) -> dict[str, tuple[int, ...]]:
+    """state_dict() names -> shapes of torchvision.models.resnet with ``num_classes=1000``."""
+    expansion = 4 if bottleneck else 1
+    kernel = 7 if stem == "imagenet" else 3
+    keys = {"conv1.weight": (base, in_chans, kernel, kernel), **_bn("bn1", base)}
+    inplanes = base
+    for stage, n in enumerate(blocks):
+        planes = base * 2**stage
+        stride = 1 if stage == 0 else 2
+        for i in range(n):
+            p = f"layer{stage + 1}.{i}"
+            if bottleneck:
+                keys[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+                keys.update(_bn(f"{p}.bn1", planes))
+                keys[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+                keys.update(_bn(f"{p}.bn2", planes))
+                keys[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+                keys.update(_bn(f"{p}.bn3", planes * 4))
+            else:
+                keys[f"{p}.conv1.weight"] = (planes, inplanes, 3, 3)
+                keys.update(_bn(f"{p}.bn1", planes))
+                keys[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+                keys.update(_bn(f"{p}.bn2", planes))
+            if i == 0 and (stride != 1 or inplanes != planes * expansion):
+                keys[f"{p}.downsample.0.weight"] = (planes * expansion, inplanes, 1, 1)
+                keys.update(_bn(f"{p}.downsample.1", planes * expansion))
+            inplanes = planes * expansion
+    keys["fc.weight"] = (1000, inplanes)
+    keys["fc.bias"] = (1000,)
+    return keys
+
+
+def timm_vit_keys(
+    dim: int, depth: int, in_chans: int, image_size: int, patch: int
+) -> dict[str, tuple[int, ...]]:
+    """state_dict() names -> shapes of timm's VisionTransformer (class token, 1000-way head)."""
+    n = (image_size // patch) ** 2
+    keys = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, 1 + n, dim),
+        "patch_embed.proj.weight": (dim, in_chans, patch, patch),
+        "patch_embed.proj.bias": (dim,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}"
+        keys.update(
+            {
+                f"{b}.norm1.weight": (dim,),
+                f"{b}.norm1.bias": (dim,),
+                f"{b}.attn.qkv.weight": (3 * dim, dim),
+                f"{b}.attn.qkv.bias": (3 * dim,),
+                f"{b}.attn.proj.weight": (dim, dim),
+                f"{b}.attn.proj.bias": (dim,),
+                f"{b}.norm2.weight": (dim,),
+                f"{b}.norm2.bias": (dim,),
+                f"{b}.mlp.fc1.weight": (4 * dim, dim),
+                f"{b}.mlp.fc1.bias": (4 * dim,),
+                f"{b}.mlp.fc2.weight": (dim, 4 * dim),
+                f"{b}.mlp.fc2.bias": (dim,),
+            }
+        )
+    keys.update({"norm.weight": (dim,), "norm.bias": (dim,)})
+    keys.update({"head.weight": (1000, dim), "head.bias": (1000,)})
+    return keys
+
+
+HEADS = {"fc.weight", "fc.bias", "head.weight", "head.bias"}
+
+
+# ---------------------------------------------------------------- hand-built run directories
+
+
+def make_run(
+    run_dir: Path, overrides: list[str], info: DataInfo, seed: int = 0
+) -> tuple[nn.Module, nn.Module]:
+    """A run directory as the trainer writes it; returns (method-like module, its backbone).
+
+    The 'method' is a ModuleDict with the backbone and a projection head, so the checkpoint holds
+    ``backbone.*`` and other keys, as a real method's state dict does. BatchNorm running
+    statistics are moved away from their initial values so that eval mode visibly matters.
+    """
+    torch.manual_seed(seed)
+    cfg = load_config(None, [f"run_dir={run_dir}", *overrides])
+    backbone = build_backbone(cfg.model, info.channels, info.image_size)
+    method = nn.ModuleDict({"backbone": backbone, "projector": nn.Linear(backbone.feature_dim, 8)})
+    backbone.train()
+    with torch.no_grad():
+        for _ in range(2):
+            backbone(torch.randn(8, info.channels, info.image_size, info.image_size) * 2 + 0.5)
+    backbone.eval()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "data_info.json").write_text(json.dumps(dataclasses.asdict(info)))
+    torch.save({"model": method.state_dict(), "step": 42}, run_dir / "checkpoints/step-00000042.pt")
+    (run_dir / "checkpoints/latest").write_text("step-00000042.pt\n")
+    return method, backbone
+
+
+def _inputs(info: DataInfo, n: int = 6, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, info.channels, info.image_size, info.image_size, generator=g)
+
+
+SMALL = ["model.backbone=resnet_small", "model.stem=cifar_s2"]
+
+
+@pytest.fixture
+def small_run(tmp_path: Path) -> tuple[Path, nn.Module]:
+    _, backbone = make_run(tmp_path / "run", SMALL, GRAY28)
+    return tmp_path / "run", backbone
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_export_then_load_gives_identical_weights_and_features(small_run, tmp_path):
+    run_dir, trained = small_run
+    out = tmp_path / "export"
+    paths = export_run(run_dir, out)
+    assert set(paths) == {"weights", "config", "card"}
+
+    saved = load_file(str(out / WEIGHTS_FILE))
+    reference = trained.state_dict()
+    assert set(saved) == set(reference)
+    for k, v in reference.items():
+        assert torch.equal(saved[k], v), k
+
+    x = _inputs(GRAY28)
+    with torch.no_grad():
+        want = trained(x)
+        from_export = load_backbone(out)
+        from_run = load_backbone(run_dir)
+        from_ckpt = load_backbone(run_dir / "checkpoints/step-00000042.pt")
+        for model in (from_export, from_run, from_ckpt):
+            assert not model.training
+            assert model.data_info == GRAY28
+            assert torch.equal(model(x), want)
+    assert want.shape == (6, trained.feature_dim)
+
+
+def test_package_level_loader_is_the_export_loader(small_run, tmp_path):
+    run_dir, trained = small_run
+    export_run(run_dir, tmp_path / "e")
+    model = selfsup.load_backbone(tmp_path / "e")
+    x = _inputs(GRAY28)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+    assert selfsup.__version__
+
+
+def test_config_json_describes_architecture_input_and_normalisation(small_run, tmp_path):
+    run_dir, trained = small_run
+    export_run(run_dir, tmp_path / "e")
+    meta = json.loads((tmp_path / "e" / CONFIG_FILE).read_text())
+    assert meta["architecture"] == {
+        "backbone": "resnet_small",
+        "stem": "cifar_s2",
+        "width": 1.0,
+        "patch_size": 4,
+    }
+    assert meta["channels"] == 1 and meta["image_size"] == 28
+    assert meta["mean"] == [0.286] and meta["std"] == [0.353]
+    assert meta["method"] == "simclr" and meta["step"] == 42
+    assert meta["feature_dim"] == trained.feature_dim == 256
+
+
+def test_model_card_names_method_data_steps_and_eval_figures(small_run, tmp_path):
+    run_dir, _ = small_run
+    (run_dir / "eval").mkdir()
+    report = {"pretrained": {"linear_top1": 0.8671, "knn_top1": 0.8253}, "raw_pixels": {"knn_top1": 0.7881}}
+    (run_dir / "eval" / "report.json").write_text(json.dumps(report))
+    export_run(run_dir, tmp_path / "e")
+    card = (tmp_path / "e" / "README.md").read_text()
+    assert "SIMCLR" in card and "resnet_small" in card
+    assert "42 optimiser steps" in card
+    assert "| pretrained.linear_top1 | 0.8671 |" in card
+    assert "| raw_pixels.knn_top1 | 0.7881 |" in card
+
+
+def test_model_card_without_eval_report_says_so(small_run, tmp_path):
+    run_dir, _ = small_run
+    export_run(run_dir, tmp_path / "e")
+    assert "No evaluation report" in (tmp_path / "e" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------- names against the references
+
+
+@pytest.mark.parametrize(
+    ("overrides", "info", "reference"),
+    [
+        (
+            ["model.backbone=resnet18", "model.stem=imagenet"],
+            RGB32,
+            torchvision_resnet_keys((2, 2, 2, 2), False, 3, "imagenet"),
+        ),
+        (
+            ["model.backbone=resnet_small", "model.stem=cifar_s2"],
+            GRAY28,
+            torchvision_resnet_keys((1, 1, 1, 1), False, 1, "cifar", base=32),
+        ),
+        (
+            ["model.backbone=vit_tiny", "model.patch_size=4"],
+            RGB32,
+            timm_vit_keys(192, 12, 3, 32, 4),
+        ),
+    ],
+    ids=["resnet18", "resnet_small", "vit_tiny"],
+)
+def test_exported_names_and_shapes_match_reference_architecture(
+    tmp_path, overrides, info, reference
+):
+    run_dir = tmp_path / "run"
+    make_run(run_dir, overrides, info)
+    export_run(run_dir, tmp_path / "e")
+    saved = load_file(str(tmp_path / "e" / WEIGHTS_FILE))
+    # what load_state_dict(strict=False) into the reference would report
+    missing = set(reference) - set(saved)
+    unexpected = set(saved) - set(reference)
+    assert unexpected == set()
+    assert missing == HEADS & set(reference)
+    for k, v in saved.items():
+        assert tuple(v.shape) == reference[k], k
+
+
+def test_resnet50_names_and_shapes_match_torchvision():
+    """Bottleneck blocks and their downsample shortcut (not exported: 100 MB for one test)."""
+    cfg = load_config(None, ["model.backbone=resnet50", "model.stem=imagenet"])
+    state = build_backbone(cfg.model, 3, 224).state_dict()
+    reference = torchvision_resnet_keys((3, 4, 6, 3), True, 3, "imagenet")
+    assert set(reference) - set(state) == {"fc.weight", "fc.bias"}
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        k: v for k, v in reference.items() if k in state
+    }
+
+
+def test_loads_into_torchvision_with_only_fc_missing(tmp_path):
+    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    run_dir = tmp_path / "run"
+    make_run(run_dir, ["model.backbone=resnet18", "model.stem=imagenet"], RGB32)
+    export_run(run_dir, tmp_path / "e")
+    result = torchvision.models.resnet18().load_state_dict(
+        load_file(str(tmp_path / "e" / WEIGHTS_FILE)), strict=False
+    )
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert result.unexpected_keys == []
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def test_onnx_export_matches_pytorch(small_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (selfsup[onnx])")
+    run_dir, trained = small_run
+    paths = export_run(run_dir, tmp_path / "e", onnx=True)
+    assert paths["onnx"] == tmp_path / "e" / ONNX_FILE
+    meta = json.loads((tmp_path / "e" / CONFIG_FILE).read_text())
+    assert meta["onnx_max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    x = _inputs(GRAY28, n=5, seed=7)  # another batch size than the export's: dynamic batch axis
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        want = trained(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_export_writes_folder_and_prints_paths(small_run, tmp_path, capsys):
+    run_dir, _ = small_run
+    assert cli_main(["export", "--run", str(run_dir), "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "e" / WEIGHTS_FILE) in printed
+    assert (tmp_path / "e" / "README.md").is_file()
+
+
+def test_cli_export_defaults_to_run_export_folder(small_run):
+    run_dir, _ = small_run
+    assert cli_main(["export", "--run", str(run_dir)]) == 0
+    assert (run_dir / "export" / WEIGHTS_FILE).is_file()
+
+
+def test_cli_export_bad_run_exits_nonzero_with_message(tmp_path, capsys):
+    assert cli_main(["export", "--run", str(tmp_path / "nope")]) == 1
+    assert "no such run directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ExportError, match="no such run directory"):
+        load_backbone(tmp_path / "missing")
+
+
+def test_run_without_checkpoint(small_run):
+    run_dir, _ = small_run
+    for f in (run_dir / "checkpoints").iterdir():
+        f.unlink()
+    with pytest.raises(ExportError, match="no checkpoint"):
+        export_run(run_dir, run_dir / "e")
+
+
+def test_latest_pointing_nowhere(small_run):
+    run_dir, _ = small_run
+    (run_dir / "checkpoints/latest").write_text("step-00000099.pt")
+    with pytest.raises(ExportError, match="step-00000099.pt"):
+        load_backbone(run_dir)
+
+
+def test_corrupt_checkpoint(small_run):
+    run_dir, _ = small_run
+    ckpt = run_dir / "checkpoints/step-00000042.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as after a kill mid-copy
+    with pytest.raises(ExportError, match="cannot read checkpoint"):
+        load_backbone(run_dir)
+
+
+def test_checkpoint_that_needs_pickle_is_refused(small_run):
+    run_dir, _ = small_run
+    torch.save({"model": {}, "extra": Path("x")}, run_dir / "checkpoints/step-00000042.pt")
+    with pytest.raises(ExportError, match="cannot read checkpoint"):
+        load_backbone(run_dir)
+
+
+def test_checkpoint_without_backbone_entries(small_run):
+    run_dir, _ = small_run
+    torch.save({"model": {"head.weight": torch.zeros(2)}}, run_dir / "checkpoints/step-00000042.pt")
+    with pytest.raises(ExportError, match="no 'backbone.\\*' entries"):
+        load_backbone(run_dir)
+
+
+def test_config_that_does_not_match_the_weights(small_run):
+    run_dir, _ = small_run
+    cfg = load_config(run_dir / "config.yaml", ["model.width=2.0"])
+    save_config(cfg, run_dir / "config.yaml")
+    with pytest.raises(ExportError, match=r"do not match .*width=2.0.*shape: conv1.weight"):
+        load_backbone(run_dir)
+
+
+def test_data_info_with_wrong_channel_count(small_run):
+    run_dir, _ = small_run
+    (run_dir / "data_info.json").write_text(json.dumps(dataclasses.asdict(RGB32)))
+    with pytest.raises(ExportError, match="3 channels.*conv1.weight"):
+        load_backbone(run_dir)
+
+
+def test_missing_data_info(small_run):
+    run_dir, _ = small_run
+    (run_dir / "data_info.json").unlink()
+    with pytest.raises(ExportError, match="data_info.json: missing"):
+        load_backbone(run_dir)
+
+
+def test_corrupt_safetensors(small_run, tmp_path):
+    run_dir, _ = small_run
+    export_run(run_dir, tmp_path / "e")
+    weights = tmp_path / "e" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(ExportError, match="cannot read safetensors"):
+        load_backbone(tmp_path / "e")
+
+
+def test_export_config_with_unknown_architecture_key(small_run, tmp_path):
+    run_dir, _ = small_run
+    export_run(run_dir, tmp_path / "e")
+    path = tmp_path / "e" / CONFIG_FILE
+    meta = json.loads(path.read_text())
+    meta["architecture"]["depth"] = 7
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="unknown config key 'architecture.depth'"):
+        load_backbone(tmp_path / "e")
+
+
+def test_export_config_for_another_architecture(small_run, tmp_path):
+    run_dir, _ = small_run
+    export_run(run_dir, tmp_path / "e")
+    path = tmp_path / "e" / CONFIG_FILE
+    meta = json.loads(path.read_text())
+    meta["architecture"]["backbone"] = "resnet18"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="missing: .*layer1.1"):
+        load_backbone(tmp_path / "e")
