@@ -49,9 +49,12 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def sample(self, i: int) -> Sample:
+        return Sample(self.images[i], int(self.labels[i]), f"{self.name}-{i:08d}")
+
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self.images)):
-            yield Sample(self.images[i], int(self.labels[i]), f"{self.name}-{i:08d}")
+            yield self.sample(i)
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST (idx)
@@ -207,15 +210,18 @@ class ImageFolder:
             arr = np.asarray(im, dtype=np.uint8)
         return arr[..., None] if arr.ndim == 2 else arr
 
+    def sample(self, i: int) -> Sample:
+        path, label = self.files[i]
+        key = str(path.relative_to(self.root).with_suffix("")).replace("/", "_").replace(".", "_")
+        try:
+            image = self.load(path)
+        except OSError as e:  # name the unreadable file, not the decoder's internals
+            raise DatasetError(f"cannot read image {path}: {e}") from e
+        return Sample(image, label, key)
+
     def __iter__(self) -> Iterator[Sample]:
-        for path, label in self.files:
-            rel = path.relative_to(self.root).with_suffix("")
-            key = str(rel).replace("/", "_").replace(".", "_")
-            try:
-                image = self.load(path)
-            except OSError as e:  # an unreadable file names itself, not a decoder internals
-                raise DatasetError(f"cannot read image {path}: {e}") from e
-            yield Sample(image, label, key)
+        for i in range(len(self.files)):
+            yield self.sample(i)
 
 
 # --------------------------------------------------------------------------- procedural shapes
