@@ -119,7 +119,7 @@ class ShardSet:
     def _check_files(self, verify_hashes: bool) -> None:
         from selfsup.pretrain.shards import _sha256
 
-        for shard, url in zip(self.shards, self.urls):
+        for shard, url in zip(self.shards, self.urls, strict=True):
             p = Path(url)
             if not p.is_file():
                 raise ShardError(f"shard listed in the manifest is missing: {p}")
@@ -247,12 +247,9 @@ class ShardStream(IterableDataset):
         for shard, lo, hi in segments:
             got = 0
             errors: list[Exception] = []
-
-            def handler(exn: Exception) -> bool:
-                errors.append(exn)
-                return True
-
-            src = wds.tariterators.tarfile_samples([{"url": self.ss.urls[shard]}], handler=handler)
+            src = wds.tariterators.tarfile_samples(
+                [{"url": self.ss.urls[shard]}], handler=lambda exn, errors=errors: errors.append(exn) or True
+            )
             for i, sample in enumerate(src):
                 if i >= hi:
                     break
