@@ -1,0 +1,58 @@
+"""``selfsup pretrain``: train a backbone with one of the methods on a shard set."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """The config is a recipe under configs/ plus key.sub=value overrides, checked before any data is
+read (an unknown key or a wrong type is an error that names it). The global batch
+(data.batch_size) is split over all processes; the process group comes from the launcher:
+
+  selfsup pretrain --config configs/simclr_demo.yaml data.train=data/train run_dir=runs/a
+  ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m selfsup.launch.cli pretrain \\
+      --config configs/simclr_demo.yaml data.train=data/train run_dir=runs/b
+  accelerate launch --multi_gpu --num_processes 8 -m selfsup.launch.cli pretrain --config ...
+  srun ... python -m selfsup.launch.cli pretrain --config ...   (see SLURM.md)
+
+Stopping: SIGUSR1 or SIGTERM -> checkpoint at the end of the current step, exit 0.
+Resuming: --resume auto continues from run_dir/checkpoints/latest (same W&B run).
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EXAMPLES
+    p.add_argument("--config", help="recipe YAML (e.g. configs/simclr_demo.yaml); defaults if omitted")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="'auto': continue from the latest checkpoint if there is one; or a checkpoint file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from selfsup.config import ConfigError, load_config, to_dict
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}")
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    if not cfg.data.train:
+        print("config error: data.train is empty: point it at a shard set (selfsup shards --out DIR)")
+        return 2
+
+    from selfsup.pretrain.checkpoint import CheckpointError
+    from selfsup.pretrain.stream import ShardError
+    from selfsup.pretrain.train import TrainingError, train
+
+    try:
+        train(cfg, resume=args.resume)
+    except (ConfigError, ShardError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    return 0

@@ -1,0 +1,313 @@
+"""The training loop: one loop for every method, read top to bottom.
+
+The process group comes from the environment (``accelerate launch``, ``torchrun``, ``srun``) via
+Accelerate. Each optimiser step consumes ``data.batch_size`` images in total: every process takes
+``batch_size / world`` of them, split further into ``train.accumulate`` micro-batches. The method
+(SimCLR, MAE, DAE, ...) receives a uint8 batch on the device and returns ``(loss, logs)``; the
+loop knows nothing else about it.
+
+Stopping and resuming: SIGUSR1/SIGTERM (what SLURM sends before preemption or the time limit)
+set a flag; at the end of the current step every rank agrees to stop, a checkpoint is written,
+and the process exits with code 0. ``resume="auto"`` continues from ``checkpoints/latest`` with
+the model, optimiser, scheduler, scaler, data position and every rank's RNG states restored, so
+on CPU a resumed run ends bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from datetime import timedelta
+from itertools import islice
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from selfsup.pretrain.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from selfsup.pretrain.methods import build_method
+from selfsup.pretrain.methods.base import DataInfo
+from selfsup.pretrain.optim import build_optimizer, build_scheduler
+from selfsup.pretrain.runlog import RunLog
+from selfsup.pretrain.stream import ShardLoader, ShardSet, ShardStream
+
+from selfsup.config import Config, ConfigError, save_config
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible resume, ...); the message says why."""
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; checked (and agreed on by all ranks) once per step."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """Mixed precision per ``train.precision``; ``auto`` = bf16 where the device supports it."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        cuda = torch.cuda.is_available()
+        precision = "bf16" if (not cuda or torch.cuda.is_bf16_supported()) else "fp16"
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, kwargs_handlers=[timeout])
+
+
+def data_info(cfg: Config, shards: ShardSet) -> DataInfo:
+    mean = cfg.augment.mean or shards.mean
+    std = cfg.augment.std or shards.std
+    for key, v in (("augment.mean", mean), ("augment.std", std)):
+        if len(v) != shards.channels:
+            raise ConfigError(f"{key} has {len(v)} values but the shards have {shards.channels} channels")
+    return DataInfo(shards.channels, shards.image_size, tuple(mean), tuple(std))
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Pretrain per ``cfg``; ``resume`` is None (fresh; refuses a run dir that has checkpoints),
+    ``"auto"`` (latest checkpoint if any) or a checkpoint path. Returns the run directory."""
+    accelerator = make_accelerator(cfg)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    run_dir = Path(cfg.run_dir)
+    tc = cfg.train
+
+    # ---- data: every rank reads its own slice; every rank runs the same number of steps
+    micro_div = world * tc.accumulate
+    if cfg.data.batch_size % micro_div:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be divisible by processes x train.accumulate "
+            f"= {world} x {tc.accumulate}"
+        )
+    shards = ShardSet.open(cfg.data.train)
+    info = data_info(cfg, shards)
+    stream = ShardStream(
+        shards, cfg.data.batch_size // micro_div, rank, world, cfg.data.workers, seed=tc.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
+    )  # fmt: skip
+    loader = ShardLoader(stream, pin_memory=accelerator.device.type == "cuda")
+    steps_per_epoch = len(loader) // tc.accumulate
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {shards.num_samples} samples of "
+            f"{cfg.data.train}: not one step per epoch"
+        )
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+
+    # ---- model, optimiser, schedule
+    set_seed(tc.seed)  # same initial weights on every rank
+    model = build_method(cfg, info)
+    if tc.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    method = accelerator.unwrap_model(model)
+
+    # ---- resume or start
+    ckpt_dir = run_dir / "checkpoints"
+    step = epoch = batch_in_epoch = 0
+    wandb_id = None
+    found = _find_resume(ckpt_dir, resume)
+    if found is not None:
+        state = load_checkpoint(found)
+        _check_compatible(state, world, cfg)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        wandb_id = state.get("wandb_id")
+        set_rng_state(state["rng"][rank])
+        accelerator.print(f"resumed from {found} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    else:
+        set_seed(tc.seed + rank, device_specific=False)  # different augmentations per rank
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "data_info.json").write_text(json.dumps(asdict(info), indent=1))
+    log = RunLog(run_dir, cfg, main, total_steps, step, wandb_id)
+
+    def checkpoint(reason: str) -> Path | None:
+        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        path = None
+        if main:
+            state = {
+                "model": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "world_size": world, "workers": cfg.data.workers,
+                "global_batch": cfg.data.batch_size, "accumulate": tc.accumulate,
+                "rng": rngs, "wandb_id": log.wandb_id, "reason": reason,
+            }  # fmt: skip
+            path = save_checkpoint(ckpt_dir, step, state, keep=tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    # ---- the loop
+    stop = StopFlag()
+    nan_skips = 0
+    model.train()
+    t_last = time.perf_counter()
+    wait = busy = 0.0
+    images_seen = 0
+    while step < total_steps:
+        loader.set_epoch(epoch, batch_in_epoch * tc.accumulate)
+        remaining = (steps_per_epoch - batch_in_epoch) * tc.accumulate  # whole steps only
+        micro = 0
+        t_fetch = time.perf_counter()
+        for batch in islice(loader, remaining):
+            images = batch["images"].to(accelerator.device, non_blocking=True)
+            t_got = time.perf_counter()
+            wait += t_got - t_fetch
+            micro += 1
+            last_micro = micro == tc.accumulate
+            if getattr(method, "owns_backward", False):
+                loss, logs = method.train_step(images, model, accelerator)
+            else:
+                with nullcontext() if last_micro else accelerator.no_sync(model):
+                    loss, logs = model(images)
+                    accelerator.backward(loss / tc.accumulate)
+            images_seen += images.shape[0] * world
+            if not last_micro:
+                t_fetch = time.perf_counter()
+                continue
+            micro = 0
+
+            # every rank agrees on: is the loss finite everywhere, did anyone get a stop signal
+            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(stop.signal is not None)])
+            flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu() if world > 1 else flags
+            finite = flags[0] == 0
+            if finite:
+                max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                optimizer.step()
+            elif tc.nan_policy == "stop":
+                optimizer.zero_grad(set_to_none=True)
+                path = checkpoint("non-finite loss")
+                raise TrainingError(
+                    f"non-finite loss at step {step} (epoch {epoch}, batch {batch_in_epoch}) on at least one "
+                    f"rank; stopped before updating. Checkpoint of the state before this step: {path or ckpt_dir}. "
+                    f"Lower optim.base_lr, set train.grad_clip, or use train.nan_policy=skip."
+                )
+            else:
+                nan_skips += 1
+                grad_norm = float("nan")
+                if nan_skips > tc.max_nan_skips:
+                    raise TrainingError(f"{nan_skips} steps with non-finite loss (> train.max_nan_skips)")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            batch_in_epoch += 1
+            now = time.perf_counter()
+            busy += now - t_got
+            log.advance()
+
+            if step % tc.log_every == 0 or step == total_steps:
+                row = {k: float(v) for k, v in logs.items()}
+                loss_all = loss.detach().float()
+                loss_all = accelerator.reduce(loss_all.reshape(1), "mean") if world > 1 else loss_all
+                row.update(
+                    loss=float(loss_all), lr=scheduler.get_last_lr()[0], epoch=epoch,
+                    img_per_s=images_seen / max(now - t_last, 1e-9), data_wait=wait / max(wait + busy, 1e-9),
+                    grad_norm=grad_norm, corrupt=loader.corrupt, padded=loader.padded, nan_skips=nan_skips,
+                )  # fmt: skip
+                log.log(step, row)
+                t_last, wait, busy, images_seen = now, 0.0, 0.0, 0
+
+            if flags[1] > 0:
+                path = checkpoint(f"signal {stop.signal or 'on another rank'}")
+                accelerator.print(f"stopping on signal at step {step}; checkpoint {path or ckpt_dir}")
+                log.close()
+                return run_dir
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
+                checkpoint("periodic")
+            if step >= total_steps:
+                break
+            t_fetch = time.perf_counter()
+        if batch_in_epoch == steps_per_epoch:
+            epoch += 1
+            batch_in_epoch = 0
+            if cfg.eval.every_epochs and cfg.data.test and epoch % cfg.eval.every_epochs == 0:
+                _periodic_knn(cfg, method, info, log, step, main)
+                accelerator.wait_for_everyone()
+
+    path = checkpoint("end")
+    if main:
+        _finish(cfg, method, shards, accelerator.device, run_dir, log, step)
+        accelerator.print(f"done: {step} steps; checkpoint {path}")
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _find_resume(ckpt_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        if latest_checkpoint(ckpt_dir) is not None:
+            raise CheckpointError(
+                f"{ckpt_dir} already has checkpoints: pass --resume auto to continue, or choose a new run_dir"
+            )
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir)
+    return Path(resume)
+
+
+def _check_compatible(state: dict, world: int, cfg: Config) -> None:
+    """The data position only means the same thing with the same world size, workers and batch."""
+    want = {"world_size": world, "workers": cfg.data.workers, "global_batch": cfg.data.batch_size,
+            "accumulate": cfg.train.accumulate}  # fmt: skip
+    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+    if diff:
+        desc = ", ".join(f"{k}: checkpoint {a}, now {b}" for k, (a, b) in diff.items())
+        raise TrainingError(f"cannot resume exactly with a different setup ({desc})")
+
+
+@torch.no_grad()
+def _periodic_knn(cfg: Config, method: torch.nn.Module, info: DataInfo, log: RunLog, step: int, main: bool) -> None:
+    """kNN accuracy of the current backbone on the test shards (rank 0; others wait)."""
+    if not main:
+        return
+    from selfsup.eval.features import extract_features
+    from selfsup.eval.knn import knn_classify
+    from selfsup.pretrain.stream import load_arrays
+
+    train_x, train_y, _ = load_arrays(ShardSet.open(cfg.data.train))
+    test_x, test_y, _ = load_arrays(ShardSet.open(cfg.data.test))
+    kw = {"mean": info.mean, "std": info.std, "batch_size": cfg.eval.batch_size}
+    f_train = extract_features(method.backbone, train_x, **kw)
+    f_test = extract_features(method.backbone, test_x, **kw)
+    res = knn_classify(f_train, train_y, f_test, test_y, k=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
+    log.log(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
+
+
+def _finish(cfg: Config, method, shards: ShardSet, device, run_dir: Path, log: RunLog, step: int) -> None:
+    """End-of-run artefacts: a reconstruction grid for methods that reconstruct."""
+    if not hasattr(method, "reconstruct"):
+        return
+    from selfsup.pretrain.recon import save_reconstruction_grid
+
+    images = next(iter(ShardStream(shards, 8, shuffle=False, drop_last=False)))["images"].to(device)
+    path = save_reconstruction_grid(method, images, run_dir / "reconstructions.png")
+    log.image("reconstructions", path, step)
