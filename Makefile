@@ -1,0 +1,36 @@
+# Set-up and the two commands of the README. Every target builds .venv itself when needed.
+#   make demo   - the whole pipeline on the embedded data (shards -> pretrain -> eval -> export)
+#   make test   - the test suite (what CI runs)
+# TORCH_SPEC picks the torch build: the default is the CPU wheel these CPU machines carry;
+# on a GPU machine use e.g. `make demo TORCH_SPEC=torch` (PyPI's Linux wheel bundles CUDA),
+# or install your cluster's torch into .venv first (pip skips torch when one already satisfies).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/selfsup demo
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -ra
+
+test-fast: $(BIN)/.installed
+	$(BIN)/pytest -q -m "not slow and not slurm"
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
