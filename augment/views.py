@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import kornia
 import torch
@@ -30,6 +30,10 @@ RECIPES = ("simclr", "byol", "mae", "none")
 # solarised; view 2 rarely blurred, sometimes solarised.
 BYOL_BLUR_P = (1.0, 0.1)
 BYOL_SOLARIZE_P = (0.0, 0.2)
+# On CPU the ops are memory-bound: applying the whole chain to chunks of about this many bytes of
+# float pixels keeps the intermediates in cache (measured at 96 px: 4.4x faster than one batch; at
+# 32 px a whole batch of 512 views already fits). Accelerators take the batch in one go.
+_CPU_CHUNK_BYTES = 6 << 20
 # as torchvision's RandomResizedCrop: try 10 draws, then fall back to a centre crop
 _CROP_TRIES = 10
 
@@ -75,6 +79,10 @@ class ViewParams:
     blur: torch.Tensor
     sigma: torch.Tensor
     solarize: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> ViewParams:
+        """The parameters of samples ``start:stop``."""
+        return ViewParams(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 def _channel_values(values: Sequence[float], channels: int, name: str) -> list[float]:
@@ -157,6 +165,26 @@ def _check_config(cfg: AugmentConfig) -> None:
         raise ValueError(f"augment.jitter_strength: must be >= 0, got {cfg.jitter_strength}")
     if not 0.0 < cfg.blur_sigma[0] <= cfg.blur_sigma[1]:
         raise ValueError(f"augment.blur_sigma: need 0 < min <= max, got {tuple(cfg.blur_sigma)}")
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of RGB ``x`` in [0, 1] by ``shift`` (fraction of the circle, per sample).
+
+    Same result as ``kornia.enhance.adjust_hue(x, 2 * pi * shift)`` (to ~1e-6), but ~2.5x faster
+    on CPU (measured at 32 px): hue rotation keeps max and min per pixel, so the new RGB comes from
+    the closed-form HSV->RGB formula without building the HSV image or the sextant lookup.
+    """
+    r, g, b = x.unbind(1)
+    v, m = x.amax(1), x.amin(1)
+    c = v - m
+    inv = 1.0 / torch.where(c > 0, c, 1.0)
+    h = torch.where(
+        v == r, (g - b) * inv, torch.where(v == g, (b - r) * inv + 2, (r - g) * inv + 4)
+    )
+    h = h + (6 * shift).view(-1, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + h.unsqueeze(1), 6.0)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
 class Views(nn.Module):
@@ -316,7 +344,7 @@ class Views(nn.Module):
         if x.shape[1] == 3:
             x = kornia.enhance.adjust_saturation_with_gray_subtraction(x, s)
             if self.jitter_range[3] > 0:
-                x = kornia.enhance.adjust_hue(x, h * (2 * math.pi))
+                x = shift_hue(x, h)
         return x
 
     def forward(
@@ -329,7 +357,16 @@ class Views(nn.Module):
         batch, _, height, width = images.shape
         params = self.sample(n_views, batch, height, width, images.device, generator)
         x = images.repeat(n_views, 1, 1, 1) if n_views > 1 else images
-        out = _standardize(self.apply(x, params), self.mean, self.std)
+        n = len(x)
+        per = n
+        if x.device.type == "cpu":
+            pixels = x.shape[1] * max(height * width, self.size * self.size)
+            per = max(1, _CPU_CHUNK_BYTES // (4 * pixels))
+        chunks = [
+            _standardize(self.apply(x[i : i + per], params.rows(i, i + per)), self.mean, self.std)
+            for i in range(0, n, per)
+        ]
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return list(out.split(batch))
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import colorsys
 import math
 
+import kornia
 import numpy as np
 import pytest
 import torch
-from selfsup.augment.views import AugmentConfig, Views, build_views, normalize
+from selfsup.augment.views import AugmentConfig, Views, build_views, normalize, shift_hue
 from selfsup.pretrain.methods.base import DataInfo
 
 # mean 0 / std 1: outputs are the [0, 1] pixels, so tests can read them directly.
@@ -121,6 +122,14 @@ def test_colour_jitter_matches_reference():
         ref = reference_jitter(x[k].permute(1, 2, 0).numpy(), b, c, s, hue)
         got = out[k].permute(1, 2, 0).double().numpy()
         np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_shift_hue_matches_kornia():
+    x = torch.rand(16, 3, 9, 9)
+    x[0] = 0.5  # gray pixels keep their value
+    shift = torch.rand(16) - 0.5
+    ref = kornia.enhance.adjust_hue(x, shift * 2 * math.pi)
+    torch.testing.assert_close(shift_hue(x, shift), ref, atol=1e-5, rtol=0)
 
 
 def test_grayscale_input_brightness_contrast_only():
@@ -282,3 +291,12 @@ def test_blur_kernel_is_about_a_tenth_of_the_size():
     assert make(AugmentConfig(size=224)).blur_kernel == 23
     assert make(AugmentConfig()).blur_kernel == 3
     assert math.isclose(make(AugmentConfig(jitter_strength=1.0)).jitter_range[3], 0.2)
+
+
+def test_cpu_chunking_gives_the_same_views_as_one_batch():
+    views = make(AugmentConfig(blur_p=0.5, solarize_p=0.3), image_size=96)
+    x = torch.randint(0, 256, (40, 3, 96, 96), dtype=torch.uint8)
+    v1, v2 = views(x, generator=torch.Generator().manual_seed(9))  # chunked: > 6 MB of views
+    params = views.sample(2, 40, 96, 96, x.device, torch.Generator().manual_seed(9))
+    whole = (views.apply(x.repeat(2, 1, 1, 1), params) - 0.5) / 0.25
+    torch.testing.assert_close(torch.cat([v1, v2]), whole)
