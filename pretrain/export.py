@@ -304,28 +304,20 @@ def export_onnx(backbone: nn.Module, info: DataInfo, path: Path, batch: int = 4)
     return diff
 
 
-def flatten_numbers(report: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """``(dotted.key, value)`` for every number in a nested JSON report, in file order."""
-    rows: list[tuple[str, float]] = []
-    if isinstance(report, dict):
-        for k, v in report.items():
-            rows += flatten_numbers(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(report, (int, float)) and not isinstance(report, bool):
-        rows.append((prefix, float(report)))
-    return rows
-
-
 def _eval_section(run_dir: Path) -> str:
+    """The run's evaluation table (metrics x pretrained/baselines) from ``eval/report.json``."""
     report_path = run_dir / "eval" / "report.json"
     if not report_path.is_file():
         return "No evaluation report was found in the run directory (`selfsup eval` writes one).\n"
     try:
-        rows = flatten_numbers(json.loads(report_path.read_text()))
-    except (OSError, json.JSONDecodeError) as e:
+        models = json.loads(report_path.read_text()).get("models")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
         return f"The evaluation report could not be read ({e}).\n"
-    lines = ["From `eval/report.json` of the run:", "", "| metric | value |", "| --- | ---: |"]
-    lines += [f"| {k} | {v:.4g} |" for k, v in rows]
-    return "\n".join(lines) + "\n"
+    if not isinstance(models, dict) or not models:
+        return "The evaluation report has no results table.\n"
+    from selfsup.eval.report import markdown_table
+
+    return f"From `eval/report.json` of the run:\n\n{markdown_table(models)}\n"
 
 
 def model_card(run: RunCheckpoint, meta: dict[str, Any]) -> str:

@@ -221,14 +221,20 @@ def test_config_json_describes_architecture_input_and_normalisation(small_run, t
 def test_model_card_names_method_data_steps_and_eval_figures(small_run, tmp_path):
     run_dir, _ = small_run
     (run_dir / "eval").mkdir()
-    report = {"pretrained": {"linear_top1": 0.8671, "knn_top1": 0.8253}, "raw_pixels": {"knn_top1": 0.7881}}
+    report = {
+        "models": {
+            "pretrained": {"linear_top1": 86.71, "knn_top1_k20": 82.53},
+            "raw_pixels": {"linear_top1": 82.04, "knn_top1_k20": 78.81},
+        }
+    }
     (run_dir / "eval" / "report.json").write_text(json.dumps(report))
     export_run(run_dir, tmp_path / "e")
     card = (tmp_path / "e" / "README.md").read_text()
     assert "SIMCLR" in card and "resnet_small" in card
     assert "42 optimiser steps" in card
-    assert "| pretrained.linear_top1 | 0.8671 |" in card
-    assert "| raw_pixels.knn_top1 | 0.7881 |" in card
+    assert "| Metric | pretrained | raw_pixels |" in card
+    assert "| Linear probe top-1 (%) | 86.71 | 82.04 |" in card
+    assert "| kNN top-1, k=20 (%) | 82.53 | 78.81 |" in card
 
 
 def test_model_card_without_eval_report_says_so(small_run, tmp_path):
