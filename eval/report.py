@@ -1,0 +1,133 @@
+"""One report per evaluation: ``report.json`` for machines, ``report.md`` for people, W&B if active.
+
+The Markdown table puts the pretrained model next to the raw-pixel and random-init baselines, one
+row per metric, so the reader sees in one glance what pretraining bought.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRIC_NAMES = {
+    "linear_top1": "Linear probe top-1 (%)",
+    "linear_top5": "Linear probe top-5 (%)",
+    "linear_weight_decay": "Linear probe weight decay (chosen on val)",
+    "linear_val_top1": "Linear probe val top-1 (%)",
+    "recall@1": "Retrieval Recall@1 (%)",
+    "recall@5": "Retrieval Recall@5 (%)",
+    "recall@10": "Retrieval Recall@10 (%)",
+    "map@r": "Retrieval mAP@R (%)",
+    "approx_recall@10": "Approximate index recall@10 vs exact (%)",
+    "anomaly_knn_auroc": "Anomaly AUROC, kNN distance (mean over held-out classes)",
+    "anomaly_recon_auroc": "Anomaly AUROC, reconstruction error (mean over classes)",
+    "feature_dim": "Feature dimension",
+}
+
+
+def metric_name(key: str) -> str:
+    """Readable name of a metric key (kNN keys are parametrised by k)."""
+    if key in METRIC_NAMES:
+        return METRIC_NAMES[key]
+    if key.startswith("knn_top"):
+        top, k = key[len("knn_top"):].split("_k")
+        return f"kNN top-{top}, k={k} (%)"
+    return key
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
+            return f"{v:.0e}"
+        return f"{v:.3f}" if abs(v) <= 1 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(models: dict[str, dict[str, float]]) -> str:
+    """Rows = metrics (in first-seen order), columns = models; a missing value shows as '–'."""
+    keys: list[str] = []
+    for metrics in models.values():
+        keys += [k for k in metrics if k not in keys]
+    names = list(models)
+    lines = [
+        "| Metric | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for k in keys:
+        cells = [_fmt(models[n].get(k)) for n in names]
+        lines.append(f"| {metric_name(k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    meta = report.get("meta", {})
+    parts = ["# Evaluation report", ""]
+    for label, key in (
+        ("Checkpoint", "checkpoint"), ("Train shards", "train_shards"),
+        ("Test shards", "test_shards"), ("Train / test images", "sizes"),
+        ("Classes", "classes"), ("Protocols", "protocols"),
+    ):
+        if key in meta:
+            value = meta[key]
+            if isinstance(value, list):
+                value = ", ".join(map(str, value))
+            parts.append(f"- **{label}:** {value}")
+    parts += ["", markdown_table(report["models"]), ""]
+    per_class = report.get("anomaly_per_class", {})
+    if per_class:
+        parts += ["## Anomaly AUROC per held-out class", ""]
+        cols = {f"{m} ({s})": v for m, d in per_class.items() for s, v in d.items()}
+        classes = meta.get("classes", [])
+        ids = sorted({int(c) for v in cols.values() for c in v})
+        parts.append("| Class | " + " | ".join(cols) + " |")
+        parts.append("|---|" + "---:|" * len(cols))
+        for c in ids:
+            name = classes[c] if c < len(classes) else str(c)
+            parts.append(f"| {name} | " + " | ".join(
+                _fmt(v.get(str(c), v.get(c))) for v in cols.values()) + " |")
+        parts.append("")
+    for fig in meta.get("figures", []):
+        parts += [f"![{Path(fig).stem}]({fig})", ""]
+    notes = meta.get("notes", [])
+    if notes:
+        parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if "timings_s" in meta:
+        t = ", ".join(f"{k} {v:.1f}s" for k, v in meta["timings_s"].items())
+        parts += [f"Timings: {t}", ""]
+    return "\n".join(parts)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; log to W&B when a run is active."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "report.json"
+    md_path = out / "report.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    md_path.write_text(render_markdown(report))
+    log_wandb(report)
+    return json_path, md_path
+
+
+def log_wandb(report: dict[str, Any]) -> bool:
+    """Summary keys ``eval/<model>/<metric>`` and an ``eval/report`` table, if a W&B run is active."""
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if wandb.run is None:
+        return False
+    models = report["models"]
+    for name, metrics in models.items():
+        for k, v in metrics.items():
+            wandb.run.summary[f"eval/{name}/{k}"] = v
+    keys = sorted({k for m in models.values() for k in m})
+    table = wandb.Table(columns=["metric", *models])
+    for k in keys:
+        table.add_data(metric_name(k), *[models[n].get(k) for n in models])
+    wandb.log({"eval/report": table})
+    return True

@@ -1,0 +1,405 @@
+"""Orchestrate every protocol for a checkpoint and its two baselines, and write one report.
+
+The three columns of the report are the same protocols on: the pretrained backbone, raw pixels
+(normalised, flattened; area-downsampled to at most ``RAW_PIXEL_DIMS`` values), and the same
+architecture at random initialisation (seeded). ``evaluate_features`` works on plain arrays, so
+anything that yields features can be evaluated the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from selfsup.augment.views import normalize
+from selfsup.eval.anomaly import knn_anomaly_auroc, per_class_auroc, reconstruction_scores
+from selfsup.eval.features import cached_features, extract_features, weights_hash
+from selfsup.eval.knn import (
+    approximate_recall,
+    build_index,
+    knn_classify,
+    load_index,
+    retrieval_metrics,
+    save_index,
+    search,
+)
+from selfsup.eval.linear_probe import linear_probe
+from selfsup.eval.plots import plot_embeddings, plot_neighbours, project_2d, subsample
+from selfsup.eval.report import write_report
+from torch import nn
+
+PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
+BASELINES = ("raw_pixels", "random_init")
+RAW_PIXEL_DIMS = 4096
+
+
+class EvalError(ValueError):
+    """The evaluation cannot run on this input; the message names the bad file, shard set or value."""
+
+
+@dataclass
+class EvalOptions:
+    protocols: Sequence[str] = PROTOCOLS
+    baselines: Sequence[str] = BASELINES
+    knn_k: Sequence[int] = (20, 200)
+    temperature: float = 0.07
+    batch_size: int = 512
+    index: str = "flat"  # flat | ivf | hnsw (retrieval database index)
+    anomaly_classes: list[int] | None = None  # None: every class in turn
+    anomaly_k: int = 5
+    plot: str = "pca"  # pca | tsne | umap
+    plot_points: int = 2000
+    device: str | None = None
+    seed: int = 0
+    cache: bool = True  # cache features under <out>/features keyed by weights + images hash
+    resize: bool = False  # allow shard images whose size differs from the backbone's input size
+    extra_notes: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise EvalError(f"unknown protocol(s) {bad or '(none)'}; choose from {', '.join(PROTOCOLS)}")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise EvalError(f"unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
+
+
+def evaluate_features(
+    train_feats: torch.Tensor | np.ndarray,
+    train_labels: torch.Tensor | np.ndarray,
+    test_feats: torch.Tensor | np.ndarray,
+    test_labels: torch.Tensor | np.ndarray,
+    opts: EvalOptions,
+    num_classes: int,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """All feature-based protocols on one feature set: ``(metrics, extras)``.
+
+    ``extras`` holds what is not a single number: the exact retrieval index (``index``) and the
+    per-class anomaly AUROCs (``anomaly_knn``).
+    """
+    metrics: dict[str, float] = {"feature_dim": int(np.asarray(train_feats).shape[1])}
+    extras: dict[str, Any] = {}
+    need_index = {"knn", "retrieval"} & set(opts.protocols)
+    exact = build_index(train_feats) if need_index else None
+    if "linear" in opts.protocols:
+        metrics.update(linear_probe(train_feats, train_labels, test_feats, test_labels,
+                                    seed=opts.seed, num_classes=num_classes))
+    if "knn" in opts.protocols:
+        metrics.update(knn_classify(train_feats, train_labels, test_feats, test_labels,
+                                    k=opts.knn_k, temperature=opts.temperature,
+                                    num_classes=num_classes, index=exact))
+    if "retrieval" in opts.protocols:
+        index = exact
+        if opts.index != "flat":
+            index = build_index(train_feats, kind=opts.index, seed=opts.seed)
+            metrics["approx_recall@10"] = approximate_recall(exact, index, test_feats, 10)
+        metrics.update(retrieval_metrics(train_feats, train_labels, test_feats, test_labels,
+                                         index=index))
+        extras["index"] = index
+    if "anomaly" in opts.protocols:
+        per = knn_anomaly_auroc(train_feats, train_labels, test_feats, test_labels,
+                                opts.anomaly_classes, k=opts.anomaly_k)
+        metrics["anomaly_knn_auroc"] = float(np.mean(list(per.values())))
+        extras["anomaly_knn"] = per
+    return metrics, extras
+
+
+def raw_pixel_features(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised pixels flattened to ``[N, C·s·s]``, area-downsampled so that C·s·s ≤ 4096."""
+    c, h = images_uint8.shape[1], images_uint8.shape[2]
+    side = h
+    while c * side * side > RAW_PIXEL_DIMS:
+        side -= 1
+    chunks = []
+    for i in range(0, images_uint8.shape[0], 4096):
+        x = normalize(images_uint8[i : i + 4096], mean, std)
+        if side != h:
+            x = F.interpolate(x, size=(side, side), mode="area")
+        chunks.append(x.flatten(1))
+    return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------- inputs: checkpoint and shards
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"checkpoint not found: {p} (give a run directory, an export folder or a .pt)")
+    return p
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """``load_backbone`` with its errors turned into EvalError naming the checkpoint."""
+    from selfsup.pretrain.export import ExportError, load_backbone
+
+    p = resolve_checkpoint(path)
+    try:
+        return load_backbone(p)
+    except ExportError as e:
+        raise EvalError(f"cannot load checkpoint {p}: {e}") from e
+
+
+def _run_dir(path: Path) -> Path | None:
+    run = path.parent.parent if path.suffix == ".pt" else path
+    return run if (run / "config.yaml").is_file() else None
+
+
+def model_config(path: Path):
+    """The ``ModelConfig`` of a run directory or export folder (to rebuild it at random init)."""
+    from selfsup.config import ModelConfig, from_dict, load_config
+
+    run = _run_dir(path)
+    if run is not None:
+        return load_config(run / "config.yaml").model
+    meta = json.loads((path / "config.json").read_text())
+    return from_dict(ModelConfig, meta.get("architecture") or {}, "architecture")
+
+
+def random_init_like(path: Path, info: Any, seed: int) -> nn.Module:
+    """The checkpoint's architecture freshly built by ``build_backbone`` with ``seed``."""
+    from selfsup.pretrain.backbones import build_backbone
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        net = build_backbone(model_config(path), info.channels, info.image_size)
+    finally:
+        torch.random.set_rng_state(state)
+    net.data_info = info
+    return net.eval()
+
+
+def load_method(path: Path) -> nn.Module | None:
+    """The full method of a run directory (for ``reconstruct``), or None for export folders."""
+    from selfsup.pretrain.export import ExportError, latest_checkpoint, read_data_info
+    from selfsup.pretrain.methods import build_method
+
+    from selfsup.config import load_config
+
+    run = _run_dir(path)
+    if run is None:
+        return None
+    cfg = load_config(run / "config.yaml")
+    info = read_data_info(run / "data_info.json")
+    try:
+        ckpt_path = path if path.suffix == ".pt" else latest_checkpoint(run)
+    except ExportError as e:
+        raise EvalError(str(e)) from e
+    method = build_method(cfg, info)
+    if not hasattr(method, "reconstruct"):
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    method.load_state_dict(ckpt["model"])
+    return method.eval()
+
+
+@dataclass
+class LabelledSet:
+    path: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    classes: list[str]
+    image_size: int
+
+
+def load_labelled(path: str | Path, what: str) -> LabelledSet:
+    """A shard set in memory, with labels required (every protocol here is class-based)."""
+    from selfsup.pretrain.stream import ShardError, ShardSet, load_arrays
+
+    try:
+        ss = ShardSet.open(path)
+        size = ss.image_size
+        images, labels, keys = load_arrays(ss)
+    except ShardError as e:
+        raise EvalError(f"{what} shards: {e}") from e
+    if not ss.classes or int(labels.min()) < 0:
+        raise EvalError(
+            f"{what} shards at {path} have no labels (the manifest lists no classes or samples are "
+            "unlabelled); linear probe, kNN, retrieval and anomaly protocols need labelled shards"
+        )
+    return LabelledSet(str(path), images, labels, keys, ss.classes, size)
+
+
+def check_compatible(data: LabelledSet, info: Any, what: str, resize: bool) -> None:
+    c = data.images.shape[1]
+    if c != info.channels:
+        raise EvalError(
+            f"channel mismatch: {what} shards at {data.path} have {c} channel(s), the backbone "
+            f"was trained on {info.channels}"
+        )
+    if data.image_size != info.image_size and not resize:
+        raise EvalError(
+            f"size mismatch: {what} shards at {data.path} are {data.image_size}px, the backbone "
+            f"expects {info.image_size}px (pass --resize to resize them for evaluation)"
+        )
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+
+def run_eval(
+    checkpoint: str | Path, train_shards: str | Path, test_shards: str | Path,
+    out_dir: str | Path, opts: EvalOptions | None = None,
+) -> dict[str, Any]:
+    """Every requested protocol on pretrained / raw pixels / random init; writes the report."""
+    opts = opts or EvalOptions()
+    opts.check()
+    out = Path(out_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ckpt = resolve_checkpoint(checkpoint)
+    backbone = load_model(ckpt)
+    if opts.device:
+        backbone.to(opts.device)
+    info = backbone.data_info
+    train = load_labelled(train_shards, "train")
+    test = load_labelled(test_shards, "test")
+    for data, what in ((train, "train"), (test, "test")):
+        check_compatible(data, info, what, opts.resize)
+    if test.labels.unique().numel() < 2:
+        raise EvalError(
+            f"single-class test set: {test.path} holds only class "
+            f"{test.classes[int(test.labels[0])]!r}; accuracy and AUROC need at least two classes"
+        )
+    num_classes = max(len(train.classes), len(test.classes))
+    timings["load"] = time.perf_counter() - t0
+
+    cache = out / "features" if opts.cache else None
+    kw = {"mean": info.mean, "std": info.std, "batch_size": opts.batch_size,
+          "device": opts.device, "image_size": info.image_size}
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    t = time.perf_counter()
+    feats["pretrained"] = (cached_features(cache, backbone, train.images, **kw),
+                           cached_features(cache, backbone, test.images, **kw))
+    if "raw_pixels" in opts.baselines:
+        feats["raw_pixels"] = (raw_pixel_features(train.images, info.mean, info.std),
+                               raw_pixel_features(test.images, info.mean, info.std))
+    if "random_init" in opts.baselines:
+        rand = random_init_like(ckpt, info, opts.seed).to(opts.device or "cpu")
+        feats["random_init"] = (extract_features(rand, train.images, **kw),
+                                extract_features(rand, test.images, **kw))
+    timings["features"] = time.perf_counter() - t
+
+    models: dict[str, dict[str, float]] = {}
+    anomaly_per_class: dict[str, dict[str, dict[int, float]]] = {}
+    notes = list(opts.extra_notes)
+    for name, (ftr, fte) in feats.items():
+        t = time.perf_counter()
+        metrics, extras = evaluate_features(ftr, train.labels, fte, test.labels, opts, num_classes)
+        models[name] = metrics
+        if "anomaly_knn" in extras:
+            anomaly_per_class.setdefault(name, {})["knn"] = extras["anomaly_knn"]
+        if name == "pretrained" and "index" in extras:
+            save_index(out / "index", extras["index"], train.labels, train.keys, {
+                "checkpoint": str(ckpt.resolve()), "weights_hash": weights_hash(backbone),
+                "train_shards": str(Path(train.path).resolve()), "classes": train.classes,
+                "index": opts.index,
+            })
+        timings[f"protocols_{name}"] = time.perf_counter() - t
+
+    if "anomaly" in opts.protocols:
+        t = time.perf_counter()
+        method = load_method(ckpt)
+        if method is not None:
+            method.to(opts.device or "cpu")
+            scores = reconstruction_scores(method, test.images, opts.batch_size, opts.device,
+                                           opts.seed)
+            per = per_class_auroc(scores, test.labels, opts.anomaly_classes)
+            models["pretrained"]["anomaly_recon_auroc"] = float(np.mean(list(per.values())))
+            anomaly_per_class.setdefault("pretrained", {})["reconstruction"] = per
+            notes.append("Reconstruction AUROC: the autoencoder was pretrained on all classes; "
+                         "each class in turn is scored as the anomaly against the others.")
+        timings["reconstruction"] = time.perf_counter() - t
+        notes.append("kNN anomaly AUROC: the held-out class is removed from the reference "
+                     "(train) features; the backbone's unlabelled pretraining data included it.")
+
+    figures: list[str] = []
+    if "plot" in opts.protocols:
+        t = time.perf_counter()
+        idx = subsample(test.images.shape[0], opts.plot_points, opts.seed)
+        panels = {n: (project_2d(fte[idx], opts.plot, opts.seed), test.labels[idx].numpy())
+                  for n, (_, fte) in feats.items()}
+        png = plot_embeddings(panels, test.classes, out / f"embedding_{opts.plot}.png",
+                              f"test set, {opts.plot.upper()} of frozen features")
+        figures.append(png.name)
+        timings["plot"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    report = {
+        "meta": {
+            "checkpoint": str(ckpt), "train_shards": str(train_shards),
+            "test_shards": str(test_shards),
+            "sizes": f"{train.images.shape[0]} / {test.images.shape[0]}",
+            "classes": test.classes, "protocols": list(opts.protocols),
+            "weights_hash": weights_hash(backbone), "figures": figures, "notes": notes,
+            "timings_s": timings,
+            "units": "accuracy, recall and mAP in %; AUROC in [0, 1]",
+        },
+        "models": models,
+        "anomaly_per_class": {m: {s: {str(c): v for c, v in d.items()} for s, d in per.items()}
+                              for m, per in anomaly_per_class.items()},
+    }
+    write_report(report, out)
+    return report
+
+
+# ---------------------------------------------------------------- one query against the index
+
+
+def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
+    """An image file as uint8 ``[1, C, size, size]`` (converted to L or RGB, resized)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        img = Image.open(p)
+        img = img.convert("L" if channels == 1 else "RGB")
+    except FileNotFoundError as e:
+        raise EvalError(f"query image not found: {p}") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise EvalError(f"query image {p} cannot be read as an image ({e})") from e
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(a))[None]
+
+
+def query(
+    index_dir: str | Path, image: str | Path, topk: int = 8, checkpoint: str | Path | None = None,
+    out_png: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Nearest training items of one image, from the saved index; writes a PNG grid."""
+    from selfsup.pretrain.stream import ShardSet
+
+    index, labels, keys, meta = load_index(index_dir)
+    backbone = load_model(checkpoint or meta["checkpoint"])
+    if weights_hash(backbone) != meta["weights_hash"]:
+        raise EvalError(
+            f"the index in {index_dir} was built from other weights than {checkpoint or meta['checkpoint']} "
+            "(re-run 'selfsup eval' with the retrieval protocol for this checkpoint)"
+        )
+    info = backbone.data_info
+    x = read_image(image, info.channels, info.image_size)
+    f = extract_features(backbone, x, info.mean, info.std)
+    sims, ids = search(index, f, topk)
+    classes = meta.get("classes", [])
+    rows = [{"rank": r + 1, "similarity": float(s), "key": keys[i], "label": int(labels[i]),
+             "class": classes[labels[i]] if labels[i] < len(classes) else str(labels[i])}
+            for r, (s, i) in enumerate(zip(sims[0], ids[0], strict=True)) if i >= 0]
+    if out_png is not None:
+        from selfsup.pretrain.stream import load_arrays
+
+        db_images, _, _ = load_arrays(ShardSet.open(meta["train_shards"]))
+        plot_neighbours(x[0], [db_images[ids[0][r["rank"] - 1]] for r in rows],
+                        [f"{r['class']}\n{r['similarity']:.2f}" for r in rows], out_png)
+    return rows

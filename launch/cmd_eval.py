@@ -1,0 +1,131 @@
+"""``selfsup eval``: how good is a pretrained representation, next to raw pixels and random init."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "evaluate a checkpoint or export: linear probe, kNN, retrieval, anomaly AUROC, plot"
+
+EPILOG = """\
+protocols (all on frozen features; the backbone is never trained here):
+  linear     logistic regression on standardised features (L-BFGS); weight decay chosen on a
+             validation split carved from the TRAIN set; top-1/top-5 on test
+  knn        weighted kNN (FAISS, cosine, vote exp(sim/T), T=0.07), k=20 and 200
+  retrieval  test images as queries against the train set: Recall@1/5/10 and mAP@R;
+             the index is saved to <out>/index for --query
+  anomaly    each class in turn held out of the reference set: AUROC of the kNN distance, and of
+             the reconstruction error for autoencoder runs (MAE/DAE run directories)
+  plot       2-D embedding of the test features coloured by class (PCA; --plot tsne|umap)
+
+every protocol also runs on raw pixels and on the same backbone at random initialisation, so the
+report shows what pretraining bought. Output: <out>/report.md, report.json, embedding_*.png.
+
+examples:
+  selfsup eval --checkpoint runs/simclr --train-shards shards/train --test-shards shards/test
+  selfsup eval --checkpoint runs/simclr/export --protocols knn,linear --no-baselines
+  selfsup eval --checkpoint runs/simclr --query shirt.png     (uses runs/simclr/eval/index)
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (uses checkpoints/latest), one .pt in it, or an "
+                        "export folder (backbone.safetensors + config.json)")
+    parser.add_argument("--train-shards", default=None,
+                        help="labelled shard set used as probe training set / kNN database "
+                        "(default: data.train of the run's config)")
+    parser.add_argument("--test-shards", default=None,
+                        help="labelled shard set to score (default: data.test of the run's config)")
+    parser.add_argument("--out", default=None,
+                        help="report folder (default: <run dir>/eval, or <export>/eval)")
+    parser.add_argument("--protocols", default="linear,knn,retrieval,anomaly,plot",
+                        help="comma-separated subset of linear,knn,retrieval,anomaly,plot "
+                        "(default: all)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the raw-pixel and random-init columns (faster)")
+    parser.add_argument("--k", type=int, nargs="+", default=[20, 200],
+                        help="neighbour counts for the kNN classifier (default: 20 200)")
+    parser.add_argument("--temperature", type=float, default=0.07,
+                        help="kNN vote temperature T in exp(sim/T) (default: 0.07)")
+    parser.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat",
+                        help="retrieval index: exact 'flat' (default), or approximate ivf/hnsw for "
+                        "large sets, whose recall against exact search is reported")
+    parser.add_argument("--anomaly-class", type=int, nargs="+", default=None,
+                        help="class id(s) to hold out as anomaly (default: every class in turn)")
+    parser.add_argument("--plot", choices=("pca", "tsne", "umap"), default="pca",
+                        help="2-D projection for the embedding plot (umap needs umap-learn)")
+    parser.add_argument("--batch-size", type=int, default=512,
+                        help="images per forward pass during feature extraction (default: 512)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for feature extraction (default: cuda if available)")
+    parser.add_argument("--resize", action="store_true",
+                        help="allow shards whose image size differs from the backbone's input "
+                        "(they are resized, bilinear); without it a mismatch is an error")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not cache features under <out>/features")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the validation split, random init and plot subsample")
+    parser.add_argument("--query", default=None, metavar="IMAGE",
+                        help="instead of evaluating: print the nearest training items of IMAGE "
+                        "from the saved index and write <out>/query-<name>.png")
+    parser.add_argument("--topk", type=int, default=8, help="neighbours shown by --query")
+
+
+def _default_out(checkpoint: Path) -> Path:
+    base = checkpoint.parent.parent if checkpoint.suffix == ".pt" else checkpoint
+    return base / "eval"
+
+
+def _shards_from_run(checkpoint: Path, train: str | None, test: str | None) -> tuple[str, str]:
+    """Fill missing shard paths from the run's config (data.train / data.test)."""
+    from selfsup.eval.run import EvalError, _run_dir
+
+    from selfsup.config import load_config
+
+    if train and test:
+        return train, test
+    run = _run_dir(checkpoint)
+    cfg = load_config(run / "config.yaml") if run is not None else None
+    train = train or (cfg.data.train if cfg else "")
+    test = test or (cfg.data.test if cfg else "")
+    if not train or not test:
+        raise EvalError("--train-shards and --test-shards are required (the checkpoint's config "
+                        "does not name data.train and data.test)")
+    return train, test
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from selfsup.eval.run import EvalError, EvalOptions, query, resolve_checkpoint, run_eval
+
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        out = Path(args.out) if args.out else _default_out(ckpt)
+        if args.query:
+            png = out / f"query-{Path(args.query).stem}.png"
+            rows = query(out / "index", args.query, args.topk, ckpt, png)
+            print(f"{'rank':>4}  {'similarity':>10}  {'class':<20} key")
+            for r in rows:
+                print(f"{r['rank']:>4}  {r['similarity']:>10.4f}  {r['class']:<20} {r['key']}")
+            print(f"grid: {png}")
+            return 0
+        train, test = _shards_from_run(ckpt, args.train_shards, args.test_shards)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        opts = EvalOptions(
+            protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
+            baselines=() if args.no_baselines else ("raw_pixels", "random_init"),
+            knn_k=args.k, temperature=args.temperature, batch_size=args.batch_size,
+            index=args.index, anomaly_classes=args.anomaly_class, plot=args.plot,
+            device=device, seed=args.seed, cache=not args.no_cache, resize=args.resize,
+        )
+        report = run_eval(ckpt, train, test, out, opts)
+    except (EvalError, FileNotFoundError, ValueError) as e:
+        print(f"selfsup eval: error: {e}", file=sys.stderr)
+        return 1
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}  ({report['meta']['timings_s']['total']:.1f} s)")
+    return 0
