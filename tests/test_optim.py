@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from selfsup.pretrain.optim import LARS, build_optimizer, build_scheduler
 from torch import nn
 
 from selfsup.config import OptimConfig
+from selfsup.pretrain.optim import LARS, build_optimizer, build_scheduler
 
 
 def _net() -> nn.Module:

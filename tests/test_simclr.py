@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from selfsup.config import load_config
 from selfsup.pretrain.distributed import all_reduce_mean, get_rank, get_world_size
 from selfsup.pretrain.methods import METHODS, build_method
 from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.methods.simclr import SimCLR, grad_cache_step, info_nce
-
-from selfsup.config import load_config
 
 TAU = 0.2
 GLOBAL_N = 8

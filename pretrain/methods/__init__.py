@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:
-    from selfsup.pretrain.methods.base import DataInfo
-
     from selfsup.config import Config
+    from selfsup.pretrain.methods.base import DataInfo
 
 
 def _simclr() -> type[nn.Module]:

@@ -16,13 +16,14 @@ bytes of backbone+head activations per view, fp32 logits (4 bytes):
 
 - plain loss (``loss_chunk = 0``): ``2n * a`` activations + about ``3 * 4 * (2n) * (2N)`` bytes
   for the logits, their log-softmax (kept for backward) and its gradient: O(n N).
-- chunked loss (``loss_chunk = c``): ``2n * a`` + about ``3 * 4 * c * (2N)`` transient bytes for one
-  block of rows (its gradient is formed in the forward pass and the block freed) +
+- chunked loss (``loss_chunk = c``): ``2n * a`` + ``4 * c * (2N)`` bytes for one block of rows,
+  reused in place (its gradient is formed in the forward pass) +
   ``4 * 2 * (2N + 2n) * D`` for the keys and their gradients: O(c N + N D).
 - GradCache (``grad_cache_chunk = g``): ``2g * a`` activations (one sub-batch at a time) +
   ``2 * 4 * 2n * D`` for the cached embeddings and their gradients + the loss term above. The
   number of negatives is then bounded by the O(N D) terms, not by activation memory; the price is
-  one extra forward pass (about +1/3 compute).
+  one extra forward pass (about +1/3 compute), and batch-norm running statistics are updated
+  twice per sub-batch (by the embedding pass and by the re-forward).
 
 Gradient accumulation does NOT add negatives (each micro-batch only sees its own keys); GradCache
 does, at the same peak activation memory.
@@ -37,14 +38,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from selfsup.pretrain.backbones import build_backbone
-from selfsup.pretrain.distributed import all_gather_grad, get_rank
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from selfsup.pretrain.methods.base import DataInfo
+from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.distributed import all_gather_grad, get_rank
 
+if TYPE_CHECKING:
     from selfsup.config import Config
+    from selfsup.pretrain.methods.base import DataInfo
 
 
 @dataclass
@@ -97,18 +98,23 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=anchors.device)
         grad_a = torch.empty_like(anchors) if want_grad else None
         grad_k = torch.zeros_like(keys) if want_grad else None
+        # one block buffer, reused: every step below works in place on it
+        buf = anchors.new_empty((min(chunk, m), keys.shape[0]))
         for s in range(0, m, chunk):
             e = min(s + chunk, m)
             a = anchors[s:e]
             rows = torch.arange(e - s, device=anchors.device)
             pos = pos_idx[s:e]
-            logits = a @ keys.T
+            logits = torch.mm(a, keys.T, out=buf[: e - s])
             logits[rows, self_idx[s:e]] = float("-inf")
-            lse = torch.logsumexp(logits, dim=1)
-            total += (lse - logits[rows, pos]).sum()
-            correct += (logits.argmax(dim=1) == pos).sum()
+            pos_logit = logits[rows, pos]
+            rowmax, top = logits.max(dim=1)
+            correct += (top == pos).sum()
+            p = logits.sub_(rowmax[:, None]).exp_()  # the masked self entry becomes 0
+            denom = p.sum(dim=1)
+            total += (denom.log() + rowmax - pos_logit).sum()  # logsumexp - positive logit
             if want_grad:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax; the masked self entry becomes 0
+                p.div_(denom[:, None])  # softmax
                 p[rows, pos] -= 1.0
                 torch.mm(p, keys, out=grad_a[s:e])
                 grad_k.addmm_(p.T, a)
