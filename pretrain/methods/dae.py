@@ -1,10 +1,43 @@
-"""Denoising autoencoder (Vincent et al. 2008): initial contract; the owner fills in the method."""
+"""Denoising autoencoder (Vincent et al. 2008): reconstruct the clean image from a corrupted one.
+
+The encoder is one of pretrain/'s ResNets (``self.backbone``, so its pooled features are evaluated
+and exported exactly like SimCLR's). Its last feature map goes through a 1x1 bottleneck
+(``method.dae.code_channels``) and a decoder of stride-2 transposed convolutions that mirrors the
+encoder's downsampling back to exactly the input size; the plan is made, and checked with a dry
+run, when the method is built, so a decoder that cannot reach the input size fails before training.
+
+Corruption (Gaussian noise, masked squares, salt-and-pepper) comes from ``selfsup.augment.corrupt``
+and is applied to the normalised image; the target is always the clean normalised image. The loss
+is MSE, L1 or Huber (the last two are the robust variants: large residuals from heavy noise or
+outlier pixels pull less).
+
+With ``method.dae.corrupt.kind: none`` nothing is corrupted and this is the plain undercomplete
+autoencoder: the code (bottleneck) must then be smaller than the image, otherwise the network could
+learn the identity, so that combination is rejected at construction.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from selfsup.augment.corrupt import CorruptConfig
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.augment.corrupt import CorruptConfig, check_corrupt_config, corrupt
+from selfsup.augment.views import build_views
+from selfsup.pretrain.backbones import build_backbone
+
+if TYPE_CHECKING:  # config imports this module for DAEConfig: only type hints may go the other way
+    from selfsup.config import Config
+    from selfsup.pretrain.methods.base import DataInfo
+
+LOSSES = ("mse", "l1", "huber")
+MAX_UPSAMPLING_STAGES = 8
 
 
 @dataclass
@@ -12,3 +45,160 @@ class DAEConfig:
     loss: str = "mse"  # mse | l1 | huber
     huber_delta: float = 1.0
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
+    code_channels: int = 32  # 1x1 bottleneck on the encoder's feature map before decoding
+
+
+def reconstruction_loss(
+    recon: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0
+) -> torch.Tensor:
+    """Mean per-pixel reconstruction error in fp32 or wider (bf16/fp16 autocast outputs are
+    promoted; fp64 stays fp64 so convergence tests can reach high accuracy)."""
+    dtype = torch.promote_types(torch.promote_types(recon.dtype, target.dtype), torch.float32)
+    recon, target = recon.to(dtype), target.to(dtype)
+    if kind == "mse":
+        return F.mse_loss(recon, target)
+    if kind == "l1":
+        return F.l1_loss(recon, target)
+    if kind == "huber":
+        if huber_delta <= 0:
+            raise ValueError(f"method.dae.huber_delta must be > 0, got {huber_delta}")
+        return F.huber_loss(recon, target, delta=huber_delta)
+    raise ValueError(f"method.dae.loss: '{kind}' is not one of {', '.join(LOSSES)}")
+
+
+def upsampling_plan(feature_size: int, image_size: int) -> list[int]:
+    """``output_padding`` (0 or 1) of each stride-2 transposed conv taking ``feature_size`` to
+    ``image_size``. A 3x3 stride-2 padding-1 transposed conv maps t to 2t - 1 + output_padding,
+    the exact inverse of the encoder's ceil(t / 2) downsampling, so walking the halvings of the
+    image size back up reproduces every intermediate size."""
+    if feature_size < 1 or feature_size > image_size:
+        raise ValueError(
+            f"DAE decoder cannot reach {image_size} px from a {feature_size} px feature map"
+        )
+    paddings: list[int] = []
+    size = image_size
+    while size != feature_size:
+        smaller = math.ceil(size / 2)
+        if smaller == size or len(paddings) == MAX_UPSAMPLING_STAGES:
+            raise ValueError(
+                f"DAE decoder cannot reach {image_size} px from a {feature_size} px feature map "
+                f"with stride-2 transposed convolutions (the encoder's downsampling is not a "
+                f"sequence of halvings of {image_size})"
+            )
+        paddings.append(size - (2 * smaller - 1))
+        size = smaller
+    return paddings[::-1]
+
+
+class ConvDecoder(nn.Module):
+    """1x1 bottleneck, then (transposed conv, BatchNorm, ReLU) per stage, then a 3x3 conv to
+    pixels. Channels halve per stage from the encoder's width, no lower than 32."""
+
+    def __init__(
+        self, in_channels: int, code_channels: int, out_channels: int, paddings: list[int]
+    ) -> None:
+        super().__init__()
+        self.bottleneck = nn.Conv2d(in_channels, code_channels, kernel_size=1)
+        stages: list[nn.Module] = []
+        width = code_channels
+        for i, pad in enumerate(paddings):
+            nxt = max(in_channels // 2 ** (i + 1), 32)
+            stages += [
+                nn.ConvTranspose2d(
+                    width, nxt, 3, stride=2, padding=1, output_padding=pad, bias=False
+                ),
+                nn.BatchNorm2d(nxt),
+                nn.ReLU(inplace=True),
+            ]
+            width = nxt
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Conv2d(width, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.bottleneck(features)))
+
+
+class DAE(nn.Module):
+    """Denoising (or, with no corruption, plain undercomplete) convolutional autoencoder."""
+
+    def __init__(self, cfg: Config, info: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg.method.dae
+        reconstruction_loss(torch.zeros(1), torch.zeros(1), self.cfg.loss, self.cfg.huber_delta)
+        check_corrupt_config(self.cfg.corrupt)
+        if self.cfg.code_channels < 1:
+            raise ValueError(f"method.dae.code_channels must be >= 1, got {self.cfg.code_channels}")
+        self.views = build_views(cfg.augment, info)
+        # Grids show the un-augmented images: same size and normalisation, no random crop/flip.
+        self.plain_views = build_views(dataclasses.replace(cfg.augment, recipe="none"), info)
+        size, channels = self.views.size, info.channels
+        self.backbone = build_backbone(cfg.model, channels, size)
+        probe = torch.zeros(1, channels, size, size)
+        features = self._dry_run(self.backbone.forward_features, probe)
+        if features.dim() != 4:
+            raise ValueError(
+                f"method.name=dae needs a convolutional (ResNet) backbone with a [B, C, h, w] "
+                f"feature map, got model.backbone={cfg.model.backbone}"
+            )
+        c, h, w = features.shape[1:]
+        if h != w:
+            raise ValueError(f"DAE decoder needs a square feature map, got {h}x{w}")
+        self.decoder = ConvDecoder(c, self.cfg.code_channels, channels, upsampling_plan(h, size))
+        out = self._dry_run(self.autoencode, probe).shape
+        if out != probe.shape:
+            raise ValueError(f"DAE decoder produced {tuple(out)} for input {tuple(probe.shape)}")
+        code, pixels = self.cfg.code_channels * h * w, channels * size * size
+        if self.cfg.corrupt.kind == "none" and code >= pixels:
+            raise ValueError(
+                f"method.dae.corrupt.kind=none needs an undercomplete code, but "
+                f"method.dae.code_channels={self.cfg.code_channels} x {h}x{w} = {code} values "
+                f">= {pixels} pixel values: lower code_channels or add noise"
+            )
+        mean = torch.tensor(self.views.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.views.std).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.register_buffer("black", ((0.0 - mean) / std).flatten(), persistent=False)
+        self.register_buffer("white", ((1.0 - mean) / std).flatten(), persistent=False)
+
+    def _dry_run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Shape check at construction: eval mode (BatchNorm accepts a 1-image batch), no grad."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            out = fn(x)
+        self.train(was_training)
+        return out
+
+    def corrupt(
+        self, clean: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Corrupted copy of normalised ``clean``; salt and pepper are true white and black."""
+        return corrupt(clean, self.cfg.corrupt, generator, value_range=(self.black, self.white))
+
+    def autoencode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.backbone.forward_features(x))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        clean = self.views(images, n_views=1)[0]
+        recon = self.autoencode(self.corrupt(clean))
+        loss = reconstruction_loss(recon, clean, self.cfg.loss, self.cfg.huber_delta)
+        return loss, {"dae_loss": loss.item()}
+
+    @torch.no_grad()
+    def reconstruct(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Clean input, its corruption and the reconstruction as float images in [0, 1]."""
+        clean = self.plain_views(images, n_views=1)[0]
+        corrupted = self.corrupt(clean, generator)
+        recon = self.autoencode(corrupted).float()
+
+        def to_unit(x: torch.Tensor) -> torch.Tensor:
+            return (x.float() * self.std + self.mean).clamp(0, 1)
+
+        return {
+            "input": to_unit(clean),
+            "corrupted": to_unit(corrupted),
+            "reconstruction": to_unit(recon),
+        }
