@@ -47,8 +47,9 @@ usage: sbatch [options] launch/<script>.sbatch configs/simclr.yaml /shared/shard
     SELFSUP_RUN_DIR=$(realpath -- "$run_dir")
     # What every node's launcher runs: the trainer resumes from the run's latest checkpoint if
     # there is one, which is what makes a requeued job continue instead of starting over.
-    SELFSUP_TRAIN_ARGS=(${SELFSUP_PROGRAM:--m selfsup.launch.cli} pretrain --config "$SELFSUP_CONFIG"
-        "data.train=$SELFSUP_SHARDS" "run_dir=$SELFSUP_RUN_DIR" --resume auto "${SELFSUP_OVERRIDES[@]}")
+    # (Options before the key=value list: argparse cannot take options between positionals.)
+    SELFSUP_TRAIN_ARGS=(-m selfsup.launch.cli pretrain --config "$SELFSUP_CONFIG" --resume auto
+        "data.train=$SELFSUP_SHARDS" "run_dir=$SELFSUP_RUN_DIR" "${SELFSUP_OVERRIDES[@]}")
 }
 
 # selfsup_rendezvous: MASTER_ADDR = first node of the allocation, MASTER_PORT derived from the job id
@@ -88,4 +89,18 @@ selfsup_run_step() {
         exit 0
     fi
     return "$rc"
+}
+
+# selfsup_gpus_per_node: trainer processes per node = GPUs SLURM gave this job on a node
+# (SELFSUP_NPROC_PER_NODE overrides). Fails when there are none rather than training on the CPU.
+selfsup_gpus_per_node() {
+    local n=${SELFSUP_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+    if [[ -z $n && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+        n=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+    fi
+    if [[ -z $n ]]; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') || n=0
+    fi
+    [[ $n =~ ^[1-9][0-9]*$ ]] || selfsup_die "no GPUs in this job (SLURM_GPUS_ON_NODE='${SLURM_GPUS_ON_NODE:-}', CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES:-}'): request them with --gpus-per-node, set SELFSUP_NPROC_PER_NODE, or use launch/pretrain_cpu.sbatch"
+    echo "$n"
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,8 +27,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
 SBATCH = LAUNCH / "pretrain_cpu.sbatch"
-STANDIN = Path(__file__).resolve().parent / "slurm_standin.py"
-STEPS = 30
+RECIPE = REPO / "configs" / "simclr_demo.yaml"
+STEPS = 40
+# Small enough for 2 shared cores, with a metrics row every step so the test can see training.
+OVERRIDES = [f"train.max_steps={STEPS}", "data.batch_size=32", "data.workers=1",
+             "train.log_every=1", "train.checkpoint_every=0", "log.progress=false"]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,8 @@ def slurm():
 
 def job_env() -> dict[str, str]:
     """What a user's activated environment gives the job: this interpreter's bin first on PATH."""
-    return {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "SELFSUP_PROGRAM": str(STANDIN)}
+    return {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true"}
 
 
 def submit(slurm: SlurmCluster, workdir: Path, *args: str) -> int:
@@ -55,39 +59,44 @@ def job_output(workdir: Path, job_id: int) -> str:
     return path.read_text() if path.exists() else "<no output file>"
 
 
-def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckdir = run_dir / "checkpoints"
-    ck = torch.load(ckdir / (ckdir / "latest").read_text().strip(), weights_only=True)
-    assert ck["step"] == STEPS
-    return ck["model"]
+def checkpoints(run_dir: Path) -> dict[int, dict]:
+    """Every checkpoint left in the run, by step."""
+    return {int(p.stem.split("-")[1]): torch.load(p, weights_only=True)
+            for p in sorted((run_dir / "checkpoints").glob("step-*.pt"))}
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def last_logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((r["step"] for r in rows if "step" in r), default=0)
+
+
+def wait_for(predicate, timeout: float, what) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.3)
-    raise TimeoutError(what)
+    raise TimeoutError(what())
 
 
 @pytest.fixture(scope="module")
-def runs(slurm: SlurmCluster, tmp_path_factory):
+def runs(slurm: SlurmCluster, embedded_shards, tmp_path_factory):
     """An uninterrupted run and a preempted one, side by side (the node advertises 4 CPUs)."""
     work = tmp_path_factory.mktemp("slurm-runs")
-    (work / "shards").mkdir()
-    (work / "shards" / "manifest.json").write_text("{}")
-    config = work / "recipe.yaml"
-    config.write_text("{}\n")
-    args = [str(config), str(work / "shards")]
-    ref = submit(slurm, work, *args, str(work / "ref"), f"train.max_steps={STEPS}")
-    pre = submit(slurm, work, *args, str(work / "pre"), f"train.max_steps={STEPS}")
-    log = work / "pre" / "standin.jsonl"
-    # Signal only once the trainer is in its loop: a signal during start-up (before the handler
-    # exists) kills the process, which is SLURM's normal cancel, not the preemption path.
-    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 2, 90,
-             f"preempted run never started:\n{job_output(work, pre)}")
-    time.sleep(2)
+    args = [str(RECIPE), embedded_shards["train"]]
+    ref = submit(slurm, work, *args, str(work / "ref"), *OVERRIDES)
+    pre = submit(slurm, work, *args, str(work / "pre"), *OVERRIDES)
+    # Signal once the trainer is in its loop (a few steps logged), as SLURM would mid-run.
+    def training_or_ended() -> bool:
+        if slurm.job(pre)["JobState"] not in ("PENDING", "RUNNING"):
+            raise AssertionError(f"job ended before the signal:\n{job_output(work, pre)}")
+        return last_logged_step(work / "pre") >= 3
+
+    wait_for(training_or_ended, 120,
+             lambda: f"preempted run never logged 3 steps:\n{job_output(work, pre)}")
     slurm.run("scancel", "-b", "-s", "USR1", str(pre))
     pre_info = slurm.wait_done(pre, 150)
     ref_info = slurm.wait_done(ref, 60)
@@ -96,27 +105,34 @@ def runs(slurm: SlurmCluster, tmp_path_factory):
 
 def test_two_ranks_complete(runs):
     work, (job, info) = runs["work"], runs["ref"]
-    assert info["JobState"] == "COMPLETED", job_output(work, job)
-    rows = [json.loads(line) for line in (work / "ref" / "standin.jsonl").read_text().splitlines()]
-    assert sorted(r["rank"] for r in rows) == [0, 1]
-    assert {r["world"] for r in rows} == {2}
-    assert info["Restarts"] == "0"
-    final_params(work / "ref")
+    out = job_output(work, job)
+    assert info["JobState"] == "COMPLETED", out
+    assert info["Restarts"] == "0", out
+    assert "node 0/1" in out and "2 process(es)" in out, out
+    final = checkpoints(work / "ref")[STEPS]
+    assert final["world_size"] == 2  # both ranks were in the process group (gloo, 2 processes)
+    assert last_logged_step(work / "ref") == STEPS
 
 
 def test_preempted_job_requeues_resumes_and_matches(runs):
     work, (job, info) = runs["work"], runs["pre"]
     out = job_output(work, job)
     assert info["JobState"] == "COMPLETED", out
-    assert info["Restarts"] == "1", out
+    assert info["Restarts"] == "1", out  # SLURM_RESTART_COUNT=1 in the second run
     assert "USR1 received" in out and "requeueing job" in out, out
-    rows = [json.loads(line) for line in (work / "pre" / "standin.jsonl").read_text().splitlines()]
-    first = [r for r in rows if r["restart"] == 0]
-    second = [r for r in rows if r["restart"] == 1]
-    assert len(first) == len(second) == 2, rows
-    resumed_at = {r["start"] for r in second}
-    assert len(resumed_at) == 1 and 0 < resumed_at.pop() < STEPS, rows
-    ref, pre = final_params(work / "ref"), final_params(work / "pre")
+    assert "restart 1 on" in out, out
+    stopped = [int(m) for m in re.findall(r"stopping on signal at step (\d+)", out)]
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", out)]
+    assert len(stopped) == 1 and resumed == stopped, out
+    assert 0 < stopped[0] < STEPS, out
+    ckpts = checkpoints(work / "pre")
+    assert sorted(ckpts) == [stopped[0], STEPS]
+    assert ckpts[stopped[0]]["reason"].startswith("signal")
+    # same W&B run after the requeue: the id travels in the checkpoint, offline runs share it
+    wandb_id = ckpts[STEPS]["wandb_id"]
+    assert wandb_id and ckpts[stopped[0]]["wandb_id"] == wandb_id
+    assert len(list((work / "pre" / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
+    ref, pre = checkpoints(work / "ref")[STEPS]["model"], ckpts[STEPS]["model"]
     assert ref.keys() == pre.keys()
     for name in ref:
         torch.testing.assert_close(pre[name], ref[name], rtol=0, atol=0, msg=name)
@@ -127,11 +143,10 @@ def test_preempted_job_requeues_resumes_and_matches(runs):
     [("config", "config file not found"), ("shards", "shards path not found"),
      ("run_dir", "cannot be created: its parent")],
 )
-def test_bad_arguments_fail_fast(slurm: SlurmCluster, tmp_path: Path, bad: str, message: str):
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "manifest.json").write_text("{}")
-    (tmp_path / "recipe.yaml").write_text("{}\n")
-    args = {"config": str(tmp_path / "recipe.yaml"), "shards": str(tmp_path / "shards"),
+def test_bad_arguments_fail_fast(
+    slurm: SlurmCluster, embedded_shards, tmp_path: Path, bad: str, message: str
+):
+    args = {"config": str(RECIPE), "shards": embedded_shards["train"],
             "run_dir": str(tmp_path / "run")}
     args[bad] = str(tmp_path / "missing" / bad)
     start = time.monotonic()
@@ -159,7 +174,8 @@ def test_unreachable_rendezvous_gives_up_with_clear_error(tmp_path: Path):
                "SELFSUP_RDZV_TIMEOUT": str(timeout), "ACCELERATE_USE_CPU": "1"}
         procs.append(subprocess.Popen(
             ["bash", str(LAUNCH / "slurm_node_launch.sh"), str(LAUNCH / "accelerate_cpu.yaml"),
-             "1", str(STANDIN), f"run_dir={tmp_path}"],
+             "1", "-m", "selfsup.launch.cli", "pretrain", "--config", str(RECIPE),
+             f"run_dir={tmp_path}"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
     for node, proc in enumerate(procs):
         out, _ = proc.communicate(timeout=120)
