@@ -134,6 +134,7 @@ def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow  # torchrun start-up: ~15-25 s on 2 shared cores, paid once per module
 @pytest.mark.parametrize(
     ("case", "tol"),
     [
@@ -151,6 +152,7 @@ def test_two_processes_equal_one_process(two_process_results: dict, case: str, t
     assert _max_rel_err(got["grads"], ref_grads) <= tol
 
 
+@pytest.mark.slow
 def test_detached_gather_fails_the_same_check(two_process_results: dict) -> None:
     ref_loss, ref_grads = _reference(torch.float64)
     got = two_process_results["fp64_detached_gather"]
