@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from selfsup.augment.views import check_generator
 
 KINDS = ("none", "gaussian", "mask", "saltpepper")

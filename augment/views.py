@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, fields
 
 import kornia
 import torch
-from selfsup.pretrain.methods.base import DataInfo
 from torch import nn
+
+from selfsup.pretrain.methods.base import DataInfo
 
 RECIPES = ("simclr", "byol", "mae", "none")
 # BYOL's asymmetric probabilities (Grill et al. 2020, table 6): view 1 always blurred, never

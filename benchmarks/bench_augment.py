@@ -32,10 +32,11 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+
 from selfsup.augment.views import AugmentConfig, build_views
 from selfsup.pretrain.datasets import shapes
 from selfsup.pretrain.methods.base import DataInfo
-from torch.utils.data import DataLoader, Dataset
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

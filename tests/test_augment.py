@@ -10,6 +10,7 @@ import kornia
 import numpy as np
 import pytest
 import torch
+
 from selfsup.augment.views import AugmentConfig, Views, build_views, normalize, shift_hue
 from selfsup.pretrain.methods.base import DataInfo
 

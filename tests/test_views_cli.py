@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+
 from selfsup.augment.grid import HEADER, grid_size
 from selfsup.launch.cli import main
 from selfsup.pretrain.datasets import ArraySource, embedded, shapes
