@@ -21,31 +21,30 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfsup",
         description="Distributed self-supervised pretraining for images. "
         "Run 'selfsup <command> --help' for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     for name, help_text in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == wanted:
-            module = importlib.import_module(f"selfsup.launch.cmd_{name}")
-            module.add_arguments(p)
-            p.set_defaults(_module=module)
+        sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        build_parser().parse_args(argv)  # prints help or the "invalid choice" error
+        build_parser().print_help()
         return 2
-    return int(args._module.run(args) or 0)
+    name = argv[0]
+    module = importlib.import_module(f"selfsup.launch.cmd_{name}")
+    parser = argparse.ArgumentParser(prog=f"selfsup {name}", description=SUBCOMMANDS[name])
+    module.add_arguments(parser)
+    # intermixed: options may come before or after key=value overrides
+    return int(module.run(parser.parse_intermixed_args(argv[1:])) or 0)
 
 
 if __name__ == "__main__":

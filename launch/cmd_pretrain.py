@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, ShardError, CheckpointError, TrainingError) as e:
+    except ConfigError as e:
+        print(f"config error: {e}", flush=True)
+        return 2
+    except (ShardError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", flush=True)
         return 1
     return 0

@@ -361,6 +361,9 @@ class ShardLoader:
             pin_memory=pin_memory,
             persistent_workers=False,
             prefetch_factor=4 if stream.workers > 0 else None,
+            # its own generator: otherwise every new iterator draws a seed from the global torch
+            # RNG, which the augmentations use too, and a resumed run would draw different views
+            generator=torch.Generator().manual_seed(stream.seed),
         )
         self.corrupt = self.padded = 0
 

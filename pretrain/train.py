@@ -82,6 +82,7 @@ def data_info(cfg: Config, shards: ShardSet) -> DataInfo:
 def train(cfg: Config, resume: str | None = None) -> Path:
     """Pretrain per ``cfg``; ``resume`` is None (fresh; refuses a run dir that has checkpoints),
     ``"auto"`` (latest checkpoint if any) or a checkpoint path. Returns the run directory."""
+    stop = StopFlag()  # first: a signal during start-up must not kill the process
     accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
@@ -111,7 +112,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     # ---- model, optimiser, schedule
     set_seed(tc.seed)  # same initial weights on every rank
-    model = build_method(cfg, info)
+    try:
+        model = build_method(cfg, info)
+    except ValueError as e:  # methods validate their parameters at construction
+        raise ConfigError(str(e)) from e
     if tc.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tc.channels_last:
@@ -165,7 +169,6 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         return path
 
     # ---- the loop
-    stop = StopFlag()
     nan_skips = 0
     model.train()
     t_last = time.perf_counter()
@@ -182,6 +185,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             wait += t_got - t_fetch
             micro += 1
             last_micro = micro == tc.accumulate
+            if micro == 1:  # BatchNorm statistics before this step, to undo a non-finite forward
+                buffers = [b.detach().clone() for b in method.buffers()]
             if getattr(method, "owns_backward", False):
                 loss, logs = method.train_step(images, model, accelerator)
             else:
@@ -198,6 +203,10 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(stop.signal is not None)])
             flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu() if world > 1 else flags
             finite = flags[0] == 0
+            if not finite:
+                with torch.no_grad():
+                    for b, saved in zip(method.buffers(), buffers, strict=True):
+                        b.copy_(saved)
             if finite:
                 max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))

@@ -8,6 +8,7 @@ key. ``validate`` then rejects impossible combinations (unknown method, bad prec
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,23 @@ from selfsup.pretrain.methods.simclr import SimCLRConfig
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or the combination cannot run."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so ``wandb: off`` stays a string."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -170,6 +188,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -219,7 +242,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip().lstrip("-")
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
         node = nested
         parts = key.split(".")
         for p in parts[:-1]:
@@ -286,7 +309,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
+        loaded = _yaml(p.read_text())
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
