@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from selfsup.eval.knn import _check_labels, as_numpy, build_index, l2_normalize, search
 from torch import nn
+
+from selfsup.eval.knn import _check_labels, as_numpy, build_index, l2_normalize, search
 
 
 def auroc(scores: torch.Tensor | np.ndarray, is_anomaly: torch.Tensor | np.ndarray) -> float:

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from selfsup.augment.views import normalize
 from torch import nn
+
+from selfsup.augment.views import normalize
 
 
 def _check_batch(x: torch.Tensor, mean: Sequence[float]) -> None:
@@ -169,7 +170,7 @@ def weights_hash(module: nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from selfsup.eval.knn import as_numpy
 from sklearn.model_selection import train_test_split
+
+from selfsup.eval.knn import as_numpy
 
 DEFAULT_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 

@@ -15,9 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from selfsup.eval.knn import as_numpy  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
+
+from selfsup.eval.knn import as_numpy  # noqa: E402
 
 PROJECTIONS = ("pca", "tsne", "umap")
 

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from selfsup.augment.views import normalize
 from selfsup.eval.anomaly import knn_anomaly_auroc, per_class_auroc, reconstruction_scores
 from selfsup.eval.features import cached_features, extract_features, weights_hash
@@ -30,10 +32,9 @@ from selfsup.eval.knn import (
     save_index,
     search,
 )
-from selfsup.eval.linear_probe import linear_probe
+from selfsup.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from selfsup.eval.plots import plot_embeddings, plot_neighbours, project_2d, subsample
 from selfsup.eval.report import write_report
-from torch import nn
 
 PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
 BASELINES = ("raw_pixels", "random_init")
@@ -50,6 +51,7 @@ class EvalOptions:
     baselines: Sequence[str] = BASELINES
     knn_k: Sequence[int] = (20, 200)
     temperature: float = 0.07
+    probe_weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS
     batch_size: int = 512
     index: str = "flat"  # flat | ivf | hnsw (retrieval database index)
     anomaly_classes: list[int] | None = None  # None: every class in turn
@@ -90,7 +92,8 @@ def evaluate_features(
     exact = build_index(train_feats) if need_index else None
     if "linear" in opts.protocols:
         metrics.update(linear_probe(train_feats, train_labels, test_feats, test_labels,
-                                    seed=opts.seed, num_classes=num_classes))
+                                    opts.probe_weight_decays, seed=opts.seed,
+                                    num_classes=num_classes))
     if "knn" in opts.protocols:
         metrics.update(knn_classify(train_feats, train_labels, test_feats, test_labels,
                                     k=opts.knn_k, temperature=opts.temperature,
@@ -179,10 +182,9 @@ def random_init_like(path: Path, info: Any, seed: int) -> nn.Module:
 
 def load_method(path: Path) -> nn.Module | None:
     """The full method of a run directory (for ``reconstruct``), or None for export folders."""
+    from selfsup.config import load_config
     from selfsup.pretrain.export import ExportError, latest_checkpoint, read_data_info
     from selfsup.pretrain.methods import build_method
-
-    from selfsup.config import load_config
 
     run = _run_dir(path)
     if run is None:
@@ -369,7 +371,7 @@ def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
         raise EvalError(f"query image {p} cannot be read as an image ({e})") from e
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
-    a = np.asarray(img, dtype=np.uint8)
+    a = np.array(img, dtype=np.uint8)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(a))[None]
 

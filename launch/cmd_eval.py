@@ -82,9 +82,8 @@ def _default_out(checkpoint: Path) -> Path:
 
 def _shards_from_run(checkpoint: Path, train: str | None, test: str | None) -> tuple[str, str]:
     """Fill missing shard paths from the run's config (data.train / data.test)."""
-    from selfsup.eval.run import EvalError, _run_dir
-
     from selfsup.config import load_config
+    from selfsup.eval.run import EvalError, _run_dir
 
     if train and test:
         return train, test
@@ -100,6 +99,7 @@ def _shards_from_run(checkpoint: Path, train: str | None, test: str | None) -> t
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from selfsup.eval.run import EvalError, EvalOptions, query, resolve_checkpoint, run_eval
 
     try:

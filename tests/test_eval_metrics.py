@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
+
 from selfsup.eval.anomaly import auroc, knn_anomaly_auroc, per_class_auroc
 from selfsup.eval.knn import (
     approximate_recall,
@@ -17,7 +19,6 @@ from selfsup.eval.knn import (
     search,
 )
 from selfsup.eval.linear_probe import linear_probe
-from sklearn.metrics import roc_auc_score
 
 
 def _data(seed=0, n_train=300, n_test=80, d=16, c=7):
