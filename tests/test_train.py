@@ -115,7 +115,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, small_shards: 
     assert at < 14
     r = pretrain(run, small_shards, *steps, resume=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"resumed from" in r.stdout
+    assert "resumed from" in r.stdout
     assert_same_params(final_model(ref), final_model(run))
     # the metrics history reads as one run: each step once, in order
     assert [m["step"] for m in metrics(run)] == list(range(1, 15))
