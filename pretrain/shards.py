@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from selfsup.pretrain.datasets import Sample
 from tqdm import tqdm
+
+from selfsup.pretrain.datasets import Sample
 
 MANIFEST = "manifest.json"
 FORMAT = "selfsup-shards/1"

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from selfsup.pretrain.shards import FORMAT, MANIFEST
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from selfsup.pretrain.shards import FORMAT, MANIFEST
 
 _REQUIRED = ("format", "encoding", "extension", "image_size", "channels", "classes", "num_samples", "shards")
 

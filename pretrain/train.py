@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+
+from selfsup.config import Config, ConfigError, save_config
 from selfsup.pretrain.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -40,8 +42,6 @@ from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.runlog import RunLog
 from selfsup.pretrain.stream import ShardLoader, ShardSet, ShardStream
-
-from selfsup.config import Config, ConfigError, save_config
 
 
 class TrainingError(RuntimeError):
@@ -116,6 +116,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         model = build_method(cfg, info)
     except ValueError as e:  # methods validate their parameters at construction
         raise ConfigError(str(e)) from e
+    if tc.sync_bn and accelerator.device.type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
     if tc.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tc.channels_last:
@@ -233,11 +235,14 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             log.advance()
 
             if step % tc.log_every == 0 or step == total_steps:
-                row = {k: float(v) for k, v in logs.items()}
-                loss_all = loss.detach().float()
-                loss_all = accelerator.reduce(loss_all.reshape(1), "mean") if world > 1 else loss_all
+                # the method's numbers are per process: average them over all processes
+                names = sorted({**logs, "loss": 0.0})
+                values = torch.tensor([float(loss.detach()) if k == "loss" else float(logs[k]) for k in names])
+                if world > 1:
+                    values = accelerator.reduce(values.to(accelerator.device), "mean").cpu()
+                row = dict(zip(names, values.tolist(), strict=True))
                 row.update(
-                    loss=float(loss_all), lr=scheduler.get_last_lr()[0], epoch=epoch,
+                    lr=scheduler.get_last_lr()[0], epoch=epoch,
                     img_per_s=images_seen / max(now - t_last, 1e-9), data_wait=wait / max(wait + busy, 1e-9),
                     grad_norm=grad_norm, corrupt=loader.corrupt, padded=loader.padded, nan_skips=nan_skips,
                 )  # fmt: skip

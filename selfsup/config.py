@@ -297,6 +297,10 @@ def validate(cfg: Config) -> Config:
             f"method.name=mae needs a ViT backbone (model.backbone=vit_tiny|vit_small|vit_base), "
             f"got model.backbone={cfg.model.backbone}"
         )
+    if cfg.method.simclr.grad_cache_chunk > 0 and cfg.train.accumulate > 1:
+        raise ConfigError(
+            "method.simclr.grad_cache_chunk > 0 replaces gradient accumulation: set train.accumulate=1"
+        )
     if cfg.method.name == "dae" and cfg.model.backbone.startswith("vit"):
         raise ConfigError("method.name=dae needs a ResNet backbone (its decoder is convolutional)")
     return cfg

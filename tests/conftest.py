@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from selfsup.pretrain.datasets import embedded
 from selfsup.pretrain.shards import ShardOptions, write_shards
 

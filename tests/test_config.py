@@ -47,6 +47,7 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (["method.name=mae"], "needs a ViT backbone"),
         (["method.name=dae", "model.backbone=vit_tiny"], "needs a ResNet backbone"),
         (["train.epochs=0"], "nothing to train"),
+        (["method.simclr.grad_cache_chunk=8", "train.accumulate=2"], "replaces gradient accumulation"),
         (["data"], "not of the form key.sub=value"),
     ],
 )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from selfsup.pretrain.datasets import ArraySource, DatasetError, ImageFolder, cifar, shapes
 from selfsup.pretrain.shards import ShardOptions, ShardWriteError, write_shards
 from selfsup.pretrain.stream import (

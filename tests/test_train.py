@@ -207,7 +207,7 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path: Path, small_shard
     while not (run / "metrics.jsonl").exists():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "selfsup.launch.cli" in " ".join(p.cmdline())]
+    workers = psutil.Process(proc.pid).children()  # the two ranks torchrun started
     assert len(workers) == 2
     workers[1].kill()
     t0 = time.time()
