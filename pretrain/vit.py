@@ -180,6 +180,10 @@ class VisionTransformer(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's convention: learned tokens and position tables are not decayed."""
+        return {"cls_token", "pos_embed"}
+
     @property
     def patch_size(self) -> int:
         return self.patch_embed.patch_size

@@ -18,6 +18,15 @@ GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 RGB32 = DataInfo(channels=3, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: intra-op threads only add hand-off cost (and stall badly on busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def dae_cfg(*overrides: str):
     base = ["method.name=dae", "model.backbone=resnet_small", "model.stem=cifar_s2"]
     return load_config(None, [*base, "augment.recipe=none", *overrides])
@@ -66,7 +75,7 @@ def test_dae_reconstructs_at_input_size(stem, info):
     dae = DAE(dae_cfg(f"model.stem={stem}"), info)
     x = images(info)
     loss, logs = dae(x)
-    assert math.isclose(logs["dae_loss"], loss.item(), rel_tol=1e-6)
+    assert logs == {} and loss.ndim == 0
     loss.backward()
     missing = [n for n, p in dae.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []  # DDP without find_unused_parameters needs every parameter used
@@ -131,7 +140,7 @@ def test_bad_dae_config_fails_before_training():
 
 
 @pytest.mark.parametrize("kind", ["none", "gaussian"])
-def test_short_optimisation_lowers_reconstruction_loss(kind):
+def test_short_optimisation_lowers_reconstruction_loss(kind, one_thread):
     torch.manual_seed(0)
     dae = DAE(dae_cfg(f"method.dae.corrupt.kind={kind}"), GRAY28)
     yy, xx = torch.meshgrid(torch.arange(28), torch.arange(28), indexing="ij")

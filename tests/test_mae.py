@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -20,9 +18,19 @@ from selfsup.pretrain.methods.mae import (
     random_masking,
     unpatchify,
 )
+from selfsup.pretrain.optim import split_decay
 from selfsup.pretrain.vit import build_vit
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: intra-op threads only add hand-off cost (and stall badly on busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def model_cfg(backbone: str, patch_size: int = 4):
@@ -212,11 +220,19 @@ def test_mae_encoder_sees_only_visible_patches_and_all_params_learn():
     loss, logs = mae(images)
     assert seen == [1 + 4]  # 16 patches of 7x7, 25% visible, plus the class token
     assert decoder_seen == [1 + 16]
-    assert math.isclose(logs["mae_loss"], loss.item())
+    assert logs == {}
     loss.backward()
     # DDP without find_unused_parameters needs every trainable parameter in the graph
     missing = [n for n, p in mae.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+def test_learned_tokens_get_no_weight_decay():
+    mae = MAE(mae_cfg(), GRAY28)
+    _, no_decay = split_decay(mae)
+    ids = {id(p) for p in no_decay}
+    assert id(mae.backbone.cls_token) in ids and id(mae.decoder.mask_token) in ids
+    assert id(mae.backbone.blocks[0].attn.qkv.weight) not in ids
 
 
 def test_mae_reconstruct_pastes_prediction_into_hidden_patches_only():
@@ -243,7 +259,7 @@ def test_mae_rejects_bad_config_before_training():
         MAE(mae_cfg("model.patch_size=5"), GRAY28)
 
 
-def test_mae_short_optimisation_lowers_loss():
+def test_mae_short_optimisation_lowers_loss(one_thread):
     """A few AdamW steps on a fixed batch of structured images reduce the masked loss."""
     torch.manual_seed(0)
     cfg = mae_cfg("augment.recipe=none", "method.mae.decoder_dim=64", "method.mae.decoder_depth=1")

@@ -187,6 +187,10 @@ class MAE(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (last component) the optimiser leaves undecayed: the learned tokens."""
+        return {"cls_token", "pos_embed", "mask_token"}
+
     def predict(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, Masking]:
@@ -204,7 +208,7 @@ class MAE(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss = self.loss(self.views(images, n_views=1)[0])
-        return loss, {"mae_loss": loss.item()}
+        return loss, {}  # the loop logs the loss itself, averaged over ranks
 
     @torch.no_grad()
     def reconstruct(
