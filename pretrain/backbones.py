@@ -154,7 +154,7 @@ def build_backbone(model_cfg: ModelConfig, in_chans: int, image_size: int) -> nn
 
         return build_vit(model_cfg, in_chans, image_size)
     if name not in ARCHS:
-        known = ", ".join([*ARCHS, "vit_tiny", "vit_small", "vit_base"])
+        known = ", ".join([*ARCHS, "vit_micro", "vit_tiny", "vit_small", "vit_base"])
         raise ValueError(f"model.backbone: unknown backbone '{name}' (known: {known})")
     block, layers, base = ARCHS[name]
     return ResNet(block, layers, base, in_chans, model_cfg.stem, model_cfg.width)

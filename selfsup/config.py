@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet_small"  # resnet_small | resnet18 | resnet34 | resnet50 | vit_tiny | vit_small | vit_base
+    backbone: str = "resnet_small"  # resnet_small | resnet18 | resnet34 | resnet50 | vit_micro | vit_tiny | vit_small | vit_base
     stem: str = "cifar"  # imagenet (7x7/2 + maxpool) | cifar (3x3/1) | cifar_s2 (3x3/2)
     width: float = 1.0  # channel width multiplier (ResNets)
     patch_size: int = 4  # ViT patch side in pixels
