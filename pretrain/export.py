@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from selfsup.pretrain.methods.base import DataInfo
 from torch import nn
 
 from selfsup import __version__
 from selfsup.config import Config, ConfigError, ModelConfig, from_dict, load_config
+from selfsup.pretrain.methods.base import DataInfo
 
 FORMAT = "selfsup-backbone"
 FORMAT_VERSION = 1

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+
 from selfsup.launch.cli import main as cli_main
 from selfsup.launch.cmd_demo import DEFAULT_CONFIG, DemoError, resolve_processes
 from selfsup.pretrain.export import load_backbone
