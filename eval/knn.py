@@ -96,9 +96,9 @@ def weighted_vote(
     valid = ids >= 0
     w = np.where(valid, np.exp(sims.astype(np.float64) / temperature), 0.0)
     lab = train_labels[np.where(valid, ids, 0)]
-    scores = np.zeros((ids.shape[0], num_classes), dtype=np.float64)
-    np.add.at(scores, (np.arange(ids.shape[0])[:, None], lab), w)
-    return scores
+    flat = (np.arange(ids.shape[0])[:, None] * num_classes + lab).ravel()
+    scores = np.bincount(flat, weights=w.ravel(), minlength=ids.shape[0] * num_classes)
+    return scores.reshape(ids.shape[0], num_classes)
 
 
 def knn_classify(

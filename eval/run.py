@@ -93,7 +93,7 @@ def evaluate_features(
     if "linear" in opts.protocols:
         metrics.update(linear_probe(train_feats, train_labels, test_feats, test_labels,
                                     opts.probe_weight_decays, seed=opts.seed,
-                                    num_classes=num_classes))
+                                    num_classes=num_classes, device=opts.device))
     if "knn" in opts.protocols:
         metrics.update(knn_classify(train_feats, train_labels, test_feats, test_labels,
                                     k=opts.knn_k, temperature=opts.temperature,

@@ -189,3 +189,21 @@ def test_help_teaches():
     assert r.returncode == 0
     for word in ("--checkpoint", "--query", "mAP@R", "random initialisation", "examples:"):
         assert word in r.stdout, word
+
+
+def test_report_goes_to_active_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
+    from selfsup.eval.report import write_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = wandb.init(project="selfsup-test", dir=str(tmp_path))
+    try:
+        models = {"pretrained": {"knn_top1_k20": 81.5}, "raw_pixels": {"knn_top1_k20": 78.0}}
+        write_report({"meta": {}, "models": models}, tmp_path / "eval")
+        assert run.summary["eval/pretrained/knn_top1_k20"] == 81.5
+        assert run.summary["eval/raw_pixels/knn_top1_k20"] == 78.0
+    finally:
+        run.finish()
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["models"] == models
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
