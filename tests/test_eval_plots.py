@@ -27,7 +27,7 @@ def test_pca_matches_svd_up_to_sign():
         assert np.allclose(np.abs(xy[:, j]), np.abs(want[:, j]), atol=1e-3)
 
 
-@pytest.mark.slow  # ~1 s alone, 20 s measured on the shared cores (sklearn start-up)
+@pytest.mark.slow  # 20 s measured on the shared 2 cores
 def test_tsne_keeps_clusters_apart():
     x, y = _clusters()
     xy = project_2d(x, "tsne")
