@@ -1,0 +1,194 @@
+"""Reading images for training: this package's shard reader vs a plain folder of PNG files.
+
+Same images, same batch size, same DataLoader worker count, one run:
+
+  (a) ``ShardLoader(ShardStream(...))`` over tar shards written by
+      ``selfsup.pretrain.shards.write_shards``, with ``raw`` (uint8 bytes) and ``png`` payloads;
+  (b) a folder ``root/<class>/<key>.png`` read by a map-style ``Dataset`` that opens each file
+      with PIL, through ``DataLoader(shuffle=True)`` (what torchvision's ImageFolder does).
+
+PNGs are written with the same encoder settings in (a) and (b) (PIL, ``compress_level=1``, what
+the shard writer uses), so the png rows differ only in the container: one tar stream per 1000
+samples vs one file per image. Datasets: the embedded Fashion-MNIST train subset (28x28x1) and
+procedural shapes (``selfsup.pretrain.datasets.shapes``, RGB). Both readers shuffle, both drop
+the last partial batch.
+
+Reported per row: images/s over one full pass, wall clock from ``iter()`` to the last batch (so
+worker start-up counts: it is part of every epoch since neither loader keeps workers alive), best
+of ``--repeats`` passes run round-robin across the readers so that load from other users of the
+machine falls on all of them alike; and the bytes each format occupies (file sizes, and the
+blocks the file system allocated: small files each round up to a block).
+
+    .venv/bin/python benchmarks/bench_reader.py                      # ~2.5 min on 2 busy cores
+    .venv/bin/python benchmarks/bench_reader.py --n 20000 --workers 0 2 4 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from selfsup.pretrain.datasets import ArraySource, embedded, shapes
+from selfsup.pretrain.shards import ShardOptions, encode_image, shuffled, write_shards
+from selfsup.pretrain.stream import ShardLoader, ShardSet, ShardStream
+
+READERS = ("shards-raw", "shards-png", "png-folder")
+
+
+class PNGFolder(Dataset):
+    """(b): one PNG file per image, decoded with PIL in ``__getitem__``."""
+
+    def __init__(self, root: Path, classes: list[str], channels: int) -> None:
+        self.files = [
+            (p, c) for c in range(len(classes)) for p in sorted((root / str(c)).glob("*.png"))
+        ]
+        self.mode = "L" if channels == 1 else "RGB"
+        if not self.files:
+            raise FileNotFoundError(f"{root}: no PNG files")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            arr = np.array(im.convert(self.mode), dtype=np.uint8)  # writable, as torchvision
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        return torch.from_numpy(arr).permute(2, 0, 1), label
+
+
+def write_png_folder(src: ArraySource, root: Path) -> None:
+    """``root/<label>/<key>.png`` with the shard writer's PNG settings."""
+    for s in src:
+        folder = root / str(s.label)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{s.key}.png").write_bytes(encode_image(s.image, "png"))
+
+
+def disk_bytes(paths: Iterable[Path]) -> tuple[int, int]:
+    """(sum of file sizes, bytes allocated on disk) of the regular files under ``paths``."""
+    size = alloc = 0
+    for top in paths:
+        for p in [top] if top.is_file() else top.rglob("*"):
+            if p.is_file():
+                st = p.stat()
+                size += st.st_size
+                alloc += st.st_blocks * 512
+    return size, alloc
+
+
+def one_pass(make: Callable[[], Iterable], image_key: int | str) -> tuple[int, float]:
+    """(images, seconds) for one full pass; the loader is built inside the timed region."""
+    t0 = time.perf_counter()
+    n = 0
+    for batch in make():
+        n += batch[image_key].shape[0]
+    return n, time.perf_counter() - t0
+
+
+def readers(
+    folders: dict[str, Path], classes: list[str], channels: int, batch: int, workers: int, seed: int
+) -> dict[str, tuple[Callable[[], Iterable], int | str]]:
+    def shard_loader(path: Path) -> Callable[[], Iterable]:
+        ss = ShardSet.open(path)
+        return lambda: ShardLoader(ShardStream(ss, batch, workers=workers, seed=seed))
+
+    png = PNGFolder(folders["png-folder"], classes, channels)
+
+    def folder_loader() -> Iterable:
+        return DataLoader(
+            png, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+            prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    return {
+        "shards-raw": (shard_loader(folders["shards-raw"]), "images"),
+        "shards-png": (shard_loader(folders["shards-png"]), "images"),
+        "png-folder": (folder_loader, 0),
+    }
+
+
+def prepare(name: str, src: ArraySource, tmp: Path, per_shard: int) -> dict[str, Path]:
+    folders = {r: tmp / name / r for r in READERS}
+    for enc in ("raw", "png"):
+        opts = ShardOptions(name="train", encoding=enc, samples_per_shard=per_shard, progress=False)
+        write_shards(shuffled(src, 0), folders[f"shards-{enc}"], src.classes, opts, total=len(src))
+    write_png_folder(src, folders["png-folder"])
+    return folders
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=10000, help="shapes images (the embedded set has 10000)")
+    p.add_argument("--shapes-size", type=int, default=64, help="side of the RGB shapes images")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per tar shard")
+    p.add_argument("--repeats", type=int, default=2, help="passes per reader (best one reported)")
+    p.add_argument("--datasets", nargs="+", default=["fmnist", "shapes"], choices=["fmnist", "shapes"])
+    p.add_argument("--tmp", default=None, help="scratch folder (default: a fresh temporary one)")
+    args = p.parse_args()
+
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores; "
+          f"torch threads {torch.get_num_threads()}; batch {args.batch}; best of {args.repeats}")
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmpdir:
+        tmp = Path(tmpdir)
+        results: dict[tuple[str, int, str], float] = {}
+        sizes: dict[tuple[str, str], tuple[int, int]] = {}
+        for ds in args.datasets:
+            t0 = time.perf_counter()
+            if ds == "fmnist":
+                src = embedded("train")
+            else:
+                src = shapes(args.n, size=args.shapes_size, seed=0)
+            folders = prepare(ds, src, tmp, args.per_shard)
+            h, w, c = src.images.shape[1:]
+            label = f"{ds} {len(src)}x{h}x{w}x{c}"
+            print(f"\n[{label}] written in {time.perf_counter() - t0:.1f} s")
+            for r in READERS:
+                sizes[(label, r)] = disk_bytes([folders[r]])
+            for wk in args.workers:
+                rs = readers(folders, src.classes, c, args.batch, wk, seed=0)
+                best = dict.fromkeys(READERS, 0.0)
+                for _ in range(args.repeats):
+                    for r in READERS:
+                        n, sec = one_pass(*rs[r])
+                        best[r] = max(best[r], n / sec)
+                for r in READERS:
+                    results[(label, wk, r)] = best[r]
+                print(f"  workers {wk}: " + ", ".join(f"{r} {best[r]:,.0f} img/s" for r in READERS), flush=True)
+
+        labels = list(dict.fromkeys(k[0] for k in results))
+        print(f"\nimages/s (best of {args.repeats} passes; one pass = one epoch, worker start-up included)")
+        head = f"{'data':<24}{'workers':>8}" + "".join(f"{r:>13}" for r in READERS)
+        head += f"{'raw/folder':>12}{'png/folder':>12}{'raw/png':>9}"
+        print(head)
+        print("-" * len(head))
+        for label in labels:
+            for wk in args.workers:
+                v = {r: results[(label, wk, r)] for r in READERS}
+                print(
+                    f"{label:<24}{wk:>8}" + "".join(f"{v[r]:>13,.0f}" for r in READERS)
+                    + f"{v['shards-raw'] / v['png-folder']:>11.2f}x{v['shards-png'] / v['png-folder']:>11.2f}x"
+                    + f"{v['shards-raw'] / v['shards-png']:>8.2f}x"
+                )
+        print("\ndisk: file bytes / allocated bytes (MiB)")
+        print(f"{'data':<24}" + "".join(f"{r:>22}" for r in READERS))
+        for label in labels:
+            cells = [f"{s / 2**20:.2f} / {a / 2**20:.2f}" for s, a in (sizes[(label, r)] for r in READERS)]
+            print(f"{label:<24}" + "".join(f"{c:>22}" for c in cells))
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
