@@ -214,3 +214,13 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path: Path, small_shard
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - t0 < 90
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+def test_periodic_knn_eval_is_logged(tmp_path: Path, small_shards: str) -> None:
+    run = tmp_path / "run"
+    r = pretrain(run, small_shards, "train.max_steps=32", "eval.every_epochs=1", f"data.test={small_shards}",
+                 "eval.knn_k=[5]", "log.wandb=off")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [m for m in metrics(run) if "eval/knn_top1_k5" in m]
+    assert len(rows) == 1 and rows[0]["step"] == 32
+    assert 10.0 < rows[0]["eval/knn_top1_k5"] <= 100.0  # 10 classes: better than chance
