@@ -22,7 +22,6 @@ METRIC_NAMES = {
     "map@r": "Retrieval mAP@R (%)",
     "approx_recall@10": "Approximate index recall@10 vs exact (%)",
     "anomaly_knn_auroc": "Anomaly AUROC, kNN distance (mean over held-out classes)",
-    "anomaly_recon_auroc": "Anomaly AUROC, reconstruction error (mean over classes)",
     "feature_dim": "Feature dimension",
 }
 

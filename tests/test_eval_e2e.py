@@ -38,7 +38,7 @@ def test_pretrain_then_eval_run_dir_and_export(tmp_path: Path, embedded_shards: 
     for m in models.values():
         assert 30.0 < m["linear_top1"] <= 100.0 and 30.0 < m["knn_top1_k200"] <= 100.0
         assert 0.5 < m["anomaly_knn_auroc"] <= 1.0
-    assert "anomaly_recon_auroc" not in models["pretrained"]  # SimCLR does not reconstruct
+    assert "reconstruction" not in report["anomaly_per_class"]["pretrained"]  # SimCLR: no decoder
     assert (out / "report.md").read_text().startswith("# Evaluation report")
     assert (out / "embedding_pca.png").stat().st_size > 10_000
 

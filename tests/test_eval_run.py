@@ -116,9 +116,10 @@ def test_report_on_run_dir_with_baselines_and_query(run_dir, data, tmp_path, cap
         assert 0.0 <= m["anomaly_knn_auroc"] <= 1.0
     assert saved["models"]["pretrained"] != saved["models"]["random_init"]
     assert saved["models"]["raw_pixels"]["feature_dim"] == 784
-    assert 0.0 <= saved["models"]["pretrained"]["anomaly_recon_auroc"] <= 1.0
     recon = saved["anomaly_per_class"]["pretrained"]["reconstruction"]
     assert set(recon) == {str(c) for c in range(10)}
+    assert all(0.0 <= v <= 1.0 for v in recon.values())
+    assert "pretrained (reconstruction)" in (out / "report.md").read_text()
     assert report["meta"]["weights_hash"] == saved["meta"]["weights_hash"]
     md = (out / "report.md").read_text()
     assert "| Metric | pretrained | raw_pixels | random_init |" in md
