@@ -187,7 +187,7 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
     processes = resolve_processes(args.processes)
     train_shards, test_shards = out / "data" / "train", out / "data" / "test"
     run_dir, calib_dir = out / "run", out / "calibration"
-    wandb_mode = f"log.wandb='{args.wandb}'"  # quoted: YAML would read a bare off as false
+    wandb_mode = f"log.wandb={args.wandb}"
     common = [f"data.train={train_shards}", f"data.test={test_shards}", *args.overrides]
     try:  # a bad recipe or override fails here, before any data is written
         cfg = load_config(config, [f"run_dir={run_dir}", wandb_mode, *common])
@@ -215,7 +215,7 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
             pretrain_step(
                 f"measure training speed ({CALIBRATION_STEPS} steps, {processes} processes)",
                 processes,
-                ["--config", str(config), f"run_dir={calib_dir}", *common, "log.wandb='off'",
+                ["--config", str(config), f"run_dir={calib_dir}", *common, "log.wandb=off",
                  "log.progress=false", f"train.max_steps={CALIBRATION_STEPS}",
                  f"train.log_every={CALIBRATION_LOG_EVERY}", "train.checkpoint_every=0"],
             )

@@ -10,9 +10,8 @@ process its own slice's sum (reduce-scatter, emulated with all-to-all on gloo).
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
 
@@ -36,7 +35,9 @@ def all_gather_grad(x: Tensor) -> Tensor:
     """
     if get_world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    # the functional collective carries gradients back to each owner (the older
+    # torch.distributed.nn.functional.all_gather does too, but is deprecated)
+    return fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:

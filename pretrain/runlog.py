@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,10 @@ class RunLog:
             )
             self.wandb_id = self.wandb.id
         if cfg.log.progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+            # in a log file (SLURM, CI) a redraw every few seconds would bury the output
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
+                            dynamic_ncols=True, mininterval=0.5 if interactive else 60)  # fmt: skip
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
