@@ -236,7 +236,7 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
 
     run_step(
         pretrain_step(
-            f"pretrain SimCLR ({processes} process{'es' if processes > 1 else ''})",
+            f"pretrain {cfg.method.name} ({processes} process{'es' if processes > 1 else ''})",
             processes,
             ["--config", str(config), f"run_dir={run_dir}", wandb_mode, *common, *length],
         )
