@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from selfsup.pretrain.datasets import embedded
+from selfsup.pretrain.datasets import ArraySource, embedded
 from selfsup.pretrain.shards import ShardOptions, write_shards
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -27,5 +26,12 @@ def embedded_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return out
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """1024 embedded training images in 5 uneven shards: fast enough for many short runs."""
+    src = embedded("train")
+    sub = ArraySource("small", src.images[:1024], src.labels[:1024], src.classes)
+    out = tmp_path_factory.mktemp("small")
+    write_shards(iter(sub), out, sub.classes, ShardOptions(samples_per_shard=230, progress=False))
+    return str(out)
+

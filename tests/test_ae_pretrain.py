@@ -16,8 +16,6 @@ import pytest
 from PIL import Image
 
 from selfsup.pretrain.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.pretrain.datasets import ArraySource, embedded
-from selfsup.pretrain.shards import ShardOptions, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MAE_CPU = str(ROOT / "configs" / "mae_vit_micro_fmnist_cpu.yaml")
@@ -30,16 +28,6 @@ ENV = {
     "OMP_NUM_THREADS": "1",
 }
 QUIET = ["log.progress=false", "data.workers=1"]
-
-
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """1024 embedded training images in 4 shards."""
-    src = embedded("train")
-    sub = ArraySource("small", src.images[:1024], src.labels[:1024], src.classes)
-    out = tmp_path_factory.mktemp("ae_small")
-    write_shards(iter(sub), out, sub.classes, ShardOptions(samples_per_shard=256, progress=False))
-    return str(out)
 
 
 def pretrain(config: str, run: Path, shards: str, *overrides: str, nproc: int = 1):

@@ -9,45 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_archs import torchvision_resnet_keys
 
 from selfsup.config import ModelConfig
 from selfsup.pretrain.backbones import build_backbone
 
-BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
-    return {f"{prefix}.{k}": ((c,) if k != "num_batches_tracked" else ()) for k in BN}
+LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 
 
 def torchvision_resnet_shapes(depth: int, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
     """State-dict shapes of torchvision's resnet{depth}() without fc."""
-    layers = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3]}[depth]
-    bottleneck = depth == 50
-    exp = 4 if bottleneck else 1
-    sd = {"conv1.weight": (64, in_chans, 7, 7), **_bn("bn1", 64)}
-    inplanes = 64
-    for stage, (planes, blocks) in enumerate(zip([64, 128, 256, 512], layers, strict=True)):
-        for b in range(blocks):
-            p = f"layer{stage + 1}.{b}"
-            cin = inplanes if b == 0 else planes * exp
-            if bottleneck:
-                sd[f"{p}.conv1.weight"] = (planes, cin, 1, 1)
-                sd.update(_bn(f"{p}.bn1", planes))
-                sd[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-                sd.update(_bn(f"{p}.bn2", planes))
-                sd[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
-                sd.update(_bn(f"{p}.bn3", planes * 4))
-            else:
-                sd[f"{p}.conv1.weight"] = (planes, cin, 3, 3)
-                sd.update(_bn(f"{p}.bn1", planes))
-                sd[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-                sd.update(_bn(f"{p}.bn2", planes))
-            if b == 0 and (stage > 0 or inplanes != planes * exp):
-                sd[f"{p}.downsample.0.weight"] = (planes * exp, cin, 1, 1)
-                sd.update(_bn(f"{p}.downsample.1", planes * exp))
-        inplanes = planes * exp
-    return sd
+    keys = torchvision_resnet_keys(LAYERS[depth], depth == 50, in_chans, "imagenet")
+    return {k: v for k, v in keys.items() if not k.startswith("fc.")}
 
 
 # torchvision's documented parameter counts (with the 1000-class fc) minus that fc

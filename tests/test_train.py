@@ -17,8 +17,6 @@ import pytest
 import torch
 
 from selfsup.pretrain.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.pretrain.datasets import ArraySource, embedded
-from selfsup.pretrain.shards import ShardOptions, write_shards
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 SMALL = [
@@ -26,16 +24,6 @@ SMALL = [
     "method.simclr.proj_out=32", "data.batch_size=32", "data.workers=1", "optim.name=sgd", "optim.base_lr=0.2",
     "log.progress=false", "train.log_every=1", "augment.gray_p=0.0",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """1024 embedded training images in 5 uneven shards (fast enough for many short runs)."""
-    src = embedded("train")
-    sub = ArraySource("small", src.images[:1024], src.labels[:1024], src.classes)
-    out = tmp_path_factory.mktemp("small")
-    write_shards(iter(sub), out, sub.classes, ShardOptions(samples_per_shard=230, progress=False))
-    return str(out)
 
 
 def pretrain(run_dir: Path, shards: str, *overrides: str, resume: bool = False, nproc: int = 1,
