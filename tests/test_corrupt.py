@@ -28,7 +28,7 @@ def test_gaussian_noise_has_the_configured_sigma_and_keeps_the_input():
 @pytest.mark.parametrize("patch", [1, 4, 5])
 def test_mask_zeroes_an_exact_fraction_of_pixels_or_patches(patch):
     x = images(side=20) + 5  # no pixel is 0 before masking
-    y = corrupt(x, CorruptConfig(kind="mask", fraction=0.3, patch=patch))
+    y = corrupt(x, CorruptConfig(kind="mask", fraction=0.3, patch=patch), torch.Generator().manual_seed(3))
     hit = y == 0
     # the same pixels in every channel
     assert torch.equal(hit, hit[:, :1].expand_as(hit))
@@ -40,8 +40,9 @@ def test_mask_zeroes_an_exact_fraction_of_pixels_or_patches(patch):
     blocks = hit.view(64, 20 // patch, patch, 20 // patch, patch).float().mean(dim=(2, 4))
     assert set(blocks.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(y[~(y == 0)], x[~(y == 0)])
-    # different images get different masks
-    assert len({tuple(h.flatten().tolist()) for h in hit}) == 64
+    # different images get different masks. With patch 5 there are only C(16, 5) = 4368 masks, so
+    # two of 64 images share one with probability ~0.37: allow a few repeats, never a shared mask.
+    assert len({tuple(h.flatten().tolist()) for h in hit}) >= 60
 
 
 def test_mask_patch_not_dividing_the_image():
