@@ -100,7 +100,8 @@ def _shards_from_run(checkpoint: Path, train: str | None, test: str | None) -> t
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from selfsup.eval.run import EvalError, EvalOptions, query, resolve_checkpoint, run_eval
+    from selfsup.eval.query import query
+    from selfsup.eval.run import EvalError, EvalOptions, resolve_checkpoint, run_eval
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
