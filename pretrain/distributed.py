@@ -14,6 +14,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
+# newer torch names it all_gather_single_autograd and warns on the old name; older torch has only that one.
+_gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+
 
 def is_distributed() -> bool:
     """True when a process group is initialised (under torchrun / accelerate launch / srun)."""
@@ -37,7 +40,7 @@ def all_gather_grad(x: Tensor) -> Tensor:
         return x
     # the functional collective carries gradients back to each owner (the older
     # torch.distributed.nn.functional.all_gather does too, but is deprecated)
-    return fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return _gather_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:
