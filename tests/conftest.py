@@ -49,4 +49,3 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("small")
     write_shards(iter(sub), out, sub.classes, ShardOptions(samples_per_shard=230, progress=False))
     return str(out)
-
