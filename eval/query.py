@@ -42,8 +42,6 @@ def query(
     out_png: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Nearest training items of one image, from the saved index; writes a PNG grid."""
-    from selfsup.pretrain.stream import ShardSet
-
     index, labels, keys, meta = load_index(index_dir)
     backbone = load_model(checkpoint or meta["checkpoint"])
     if weights_hash(backbone) != meta["weights_hash"]:
@@ -60,7 +58,7 @@ def query(
              "class": classes[labels[i]] if labels[i] < len(classes) else str(labels[i])}
             for r, (s, i) in enumerate(zip(sims[0], ids[0], strict=True)) if i >= 0]
     if out_png is not None:
-        from selfsup.pretrain.stream import load_arrays
+        from selfsup.pretrain.stream import ShardSet, load_arrays
 
         db_images, _, _ = load_arrays(ShardSet.open(meta["train_shards"]))
         plot_neighbours(x[0], [db_images[ids[0][r["rank"] - 1]] for r in rows],
