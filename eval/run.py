@@ -224,7 +224,9 @@ def load_labelled(path: str | Path, what: str) -> LabelledSet:
     if not ss.classes or int(labels.min()) < 0:
         raise EvalError(
             f"{what} shards at {path} have no labels (the manifest lists no classes or samples are "
-            "unlabelled); linear probe, kNN, retrieval and anomaly protocols need labelled shards"
+            "unlabelled); linear probe, kNN, retrieval and anomaly protocols need a labelled set: "
+            "write one from class folders (selfsup shards --source folder --labels folders) or a "
+            "list file with labels (--source list)"
         )
     return LabelledSet(str(path), images, labels, keys, ss.classes, size)
 

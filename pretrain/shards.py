@@ -1,10 +1,12 @@
 """Write a dataset once into WebDataset tar shards plus a ``manifest.json``.
 
 Each sample is ``<key>.<ext>`` (the image: ``u8`` raw bytes, ``png`` or ``jpg``) and ``<key>.cls``
-(the integer label as text). The manifest records everything a reader must verify before
-trusting the set: per-shard sample counts and sha256, total, classes, image shape, encoding,
-split, and per-channel mean/std (used for normalisation). Output is byte-for-byte deterministic
-for the same input, seed and options (fixed tar mtime, seeded sample order).
+(the integer label as text; absent in an unlabelled set, whose manifest says ``"labelled": false``
+and lists no classes). The manifest records everything a reader must verify before trusting the
+set: per-shard sample counts and sha256, total, classes, image shape, encoding, split, and
+per-channel mean/std (used for normalisation) with the exact integer pixel sums behind them.
+Output is byte-for-byte deterministic for the same input, seed and options (fixed tar mtime,
+seeded sample order).
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import hashlib
 import io
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
 from selfsup.pretrain.datasets import Sample
+from selfsup.pretrain.pixel_stats import PixelSums, mean_std
+from selfsup.pretrain.tar_writer import TarWriter
 
 MANIFEST = "manifest.json"
 FORMAT = "selfsup-shards/1"
@@ -74,6 +77,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def temp_dir(out_dir: str | Path, name: str) -> Path:
+    """The hidden folder ``write_shards`` writes into before moving the finished set into place."""
+    return Path(out_dir) / f".writing-{name}"
+
+
 def write_shards(
     samples: Iterable[Sample],
     out_dir: str | Path,
@@ -81,9 +89,12 @@ def write_shards(
     options: ShardOptions | None = None,
     total: int | None = None,
     source: str = "",
+    extra: Callable[[], dict] | None = None,
 ) -> dict:
     """Write ``samples`` (in the given order) as shards under ``out_dir``; return the manifest.
 
+    ``classes`` empty means an unlabelled set: every sample's label must then be -1 and no ``cls``
+    member is written. ``extra`` is called after the last sample; its items go into the manifest.
     Writes into a hidden temporary folder first and moves the finished shards and manifest into
     place at the end, so an interrupted write never leaves a set that looks complete.
     """
@@ -99,16 +110,17 @@ def write_shards(
             f"{out} already holds a shard set ({existing[0].name}, ...); pass --overwrite to replace it"
         )
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".writing-{opt.name}"
+    tmp = temp_dir(out, opt.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     ext = ENCODINGS[opt.encoding]
+    labelled = bool(classes)
 
     shards: list[dict] = []
-    writer: wds.TarWriter | None = None
+    writer: TarWriter | None = None
     count = nbytes = 0
     shape: tuple[int, ...] | None = None
-    ch_sum = ch_sq = None
+    stats: PixelSums | None = None
     n_total = 0
 
     def close() -> None:
@@ -124,27 +136,26 @@ def write_shards(
             raise ShardWriteError(f"sample {s.key}: expected uint8 [H, W, C], got {img.dtype} {img.shape}")
         if shape is None:
             shape = img.shape
-            ch_sum = np.zeros(shape[-1])
-            ch_sq = np.zeros(shape[-1])
+            stats = PixelSums(shape[-1])
         elif img.shape != shape:
             raise ShardWriteError(f"sample {s.key}: shape {img.shape} differs from the first sample's {shape}")
+        if (s.label >= 0) != labelled:
+            raise ShardWriteError(f"sample {s.key}: label {s.label} in a set with {len(classes)} classes")
         payload = encode_image(img, opt.encoding, opt.jpeg_quality)
-        label = str(int(s.label))
-        size = _tar_member_bytes(len(payload)) + _tar_member_bytes(len(label))
+        record = {"__key__": s.key, ext: payload, **({"cls": str(int(s.label))} if labelled else {})}
+        size = sum(_tar_member_bytes(len(v)) for k, v in record.items() if k != "__key__")
         full = count >= opt.samples_per_shard or (opt.max_bytes and count and nbytes + size > opt.max_bytes)
         if writer is None or full:
             close()
             fname = f"{opt.name}-{len(shards):06d}.tar"
             shards.append({"file": fname, "num_samples": 0})
-            writer = wds.TarWriter(str(tmp / fname), mtime=0, user="selfsup", group="selfsup")
+            writer = TarWriter(tmp / fname, mtime=0, user="selfsup", group="selfsup")
             count = nbytes = 0
-        writer.write({"__key__": s.key, ext: payload, "cls": label})
+        writer.write(record)
         count += 1
         nbytes += size
         shards[-1]["num_samples"] = count
-        pix = img.reshape(-1, img.shape[-1]).astype(np.float64) / 255.0
-        ch_sum += pix.mean(0)
-        ch_sq += (pix**2).mean(0)
+        stats.add(img)
         n_total += 1
     close()
     if n_total == 0:
@@ -157,9 +168,9 @@ def write_shards(
         (tmp / sh["file"]).replace(out / sh["file"])
         sh["sha256"] = _sha256(out / sh["file"])
         sh["bytes"] = (out / sh["file"]).stat().st_size
-    mean = ch_sum / n_total
-    std = np.sqrt(np.maximum(ch_sq / n_total - mean**2, 1e-12))
-    assert shape is not None
+    assert shape is not None and stats is not None
+    sums = stats.to_json()
+    mean, std = mean_std(sums)
     manifest = {
         "format": FORMAT,
         "name": opt.name,
@@ -170,10 +181,13 @@ def write_shards(
         "image_size": [shape[0], shape[1]],
         "channels": shape[2],
         "classes": list(classes),
+        "labelled": labelled,
         "num_samples": n_total,
-        "mean": [round(float(m), 6) for m in mean],
-        "std": [round(float(s), 6) for s in std],
+        "mean": mean,
+        "std": std,
+        "pixel_sums": sums,
         "shards": shards,
+        **(extra() if extra else {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (tmp / MANIFEST).replace(out / MANIFEST)

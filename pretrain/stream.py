@@ -65,6 +65,8 @@ class ShardSet:
         self.counts = [int(s["num_samples"]) for s in self.shards]
         self.num_samples = int(manifest["num_samples"])
         self.classes: list[str] = list(manifest["classes"])
+        # unlabelled sets (image folders without class sub-folders) have no .cls member: label -1
+        self.labelled = bool(manifest.get("labelled", True))
         self.channels = int(manifest["channels"])
         self.height, self.width = (int(v) for v in manifest["image_size"])
         self.extension: str = manifest["extension"]
@@ -147,7 +149,8 @@ class ShardSet:
                 img = img[..., None]
             if img.shape != (self.height, self.width, self.channels):
                 raise ValueError(f"image of shape {img.shape}, manifest says {(self.height, self.width, self.channels)}")
-        return img.transpose(2, 0, 1), int(sample["cls"]), sample["__key__"]
+        label = int(sample["cls"]) if self.labelled else -1
+        return img.transpose(2, 0, 1), label, sample["__key__"]
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -209,7 +212,8 @@ def _sample_seed(*parts: int) -> np.random.Generator:
 
 class ShardStream(IterableDataset):
     """Yields dict batches ``{"images": uint8 [B,C,H,W], "labels": int64 [B], "keys": [str],
-    "corrupt": int, "padded": int, "worker": int}`` following ``plan_epoch``."""
+    "corrupt": int, "padded": int, "worker": int}`` following ``plan_epoch`` (labels are -1 in
+    an unlabelled set)."""
 
     def __init__(
         self,

@@ -96,6 +96,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             f"= {world} x {tc.accumulate}"
         )
     shards = ShardSet.open(cfg.data.train)
+    if cfg.eval.every_epochs and cfg.data.test and not shards.labelled:
+        raise ConfigError(
+            f"eval.every_epochs={cfg.eval.every_epochs} runs kNN with data.train as the labelled "
+            f"database, but {cfg.data.train} is unlabelled: set eval.every_epochs=0 and evaluate "
+            "afterwards with selfsup eval on labelled shards"
+        )
     info = data_info(cfg, shards)
     stream = ShardStream(
         shards, cfg.data.batch_size // micro_div, rank, world, cfg.data.workers, seed=tc.seed,
