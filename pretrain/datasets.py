@@ -1,9 +1,10 @@
 """Dataset sources that ``selfsup shards`` turns into WebDataset shards.
 
 Every source yields ``Sample(image, label, key)`` with ``image`` a uint8 array ``[H, W, C]`` and
-exposes ``classes``. Sources read from disk lazily where they can (image folders), so writing
-shards of a large folder never holds it in memory. The embedded default dataset ships inside the
-package so the demo and tests need no network and no apt.
+exposes ``classes`` (empty for an unlabelled source, whose labels are -1). Sources read from disk
+lazily where they can (image folders and list files, ``folders.py``), so writing shards of a large
+folder never holds it in memory. The embedded default dataset ships inside the package so the
+demo and tests need no network and no apt.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:
+    from selfsup.pretrain.folders import ImageFiles
 
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -170,58 +174,8 @@ def cifar(root: str | Path, split: str = "train") -> ArraySource:
     return ArraySource(f"{name}-{split}", images.transpose(0, 2, 3, 1).copy(), labels, classes)
 
 
-# --------------------------------------------------------------------------- image folder
-class ImageFolder:
-    """``root/<class>/<image>`` of any sizes; each image is resized (shorter side) and centre
-    cropped to ``size`` so that a shard set has one image shape, and converted to ``mode``."""
-
-    def __init__(self, root: str | Path, size: int = 64, mode: str = "RGB") -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"image folder not found: {self.root}")
-        if mode not in ("RGB", "L"):
-            raise DatasetError(f"image mode must be RGB or L, got {mode!r}")
-        self.size, self.mode = size, mode
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise DatasetError(f"{self.root}: no class sub-folders (expected root/<class>/<image>)")
-        self.files = [
-            (p, c)
-            for c, name in enumerate(self.classes)
-            for p in sorted((self.root / name).rglob("*"))
-            if p.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not self.files:
-            raise DatasetError(f"{self.root}: no images with suffix {sorted(IMAGE_SUFFIXES)}")
-        self.name = self.root.name
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, path: Path) -> np.ndarray:
-        with Image.open(path) as im:
-            im = im.convert(self.mode)
-            w, h = im.size
-            s = self.size / min(w, h)
-            im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            im = im.crop((left, top, left + self.size, top + self.size))
-            arr = np.asarray(im, dtype=np.uint8)
-        return arr[..., None] if arr.ndim == 2 else arr
-
-    def sample(self, i: int) -> Sample:
-        path, label = self.files[i]
-        key = str(path.relative_to(self.root).with_suffix("")).replace("/", "_").replace(".", "_")
-        try:
-            image = self.load(path)
-        except OSError as e:  # name the unreadable file, not the decoder's internals
-            raise DatasetError(f"cannot read image {path}: {e}") from e
-        return Sample(image, label, key)
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self.files)):
-            yield self.sample(i)
+# --------------------------------------------------------------------------- image files
+# folders (labelled by sub-folder or not) and list files live in folders.py (ImageFiles)
 
 
 # --------------------------------------------------------------------------- procedural shapes
@@ -279,7 +233,7 @@ def _draw_shape(rng: np.random.Generator, label: int, xx: np.ndarray, yy: np.nda
 
 
 # --------------------------------------------------------------------------- one entry point
-SOURCES = ("embedded", "fashion-mnist", "cifar", "folder", "shapes")
+SOURCES = ("embedded", "fashion-mnist", "cifar", "folder", "list", "shapes")
 
 
 def open_source(
@@ -291,8 +245,10 @@ def open_source(
     mode: str = "RGB",
     count: int = 10000,
     seed: int = 0,
-) -> ArraySource | ImageFolder:
-    """Open one of ``SOURCES`` by name (what ``selfsup shards --source`` takes)."""
+    labels: str = "auto",
+) -> ArraySource | ImageFiles:
+    """Open one of ``SOURCES`` by name (what ``selfsup shards --source`` takes); ``folder`` and
+    ``list`` return a ``folders.ImageFiles`` (``labels``: auto | folders | none)."""
     if kind == "embedded":
         return embedded(split)
     if kind == "fashion-mnist":
@@ -301,10 +257,15 @@ def open_source(
         if not path:
             raise DatasetError("--source cifar needs --path to the CIFAR python batch folder")
         return cifar(path, split)
-    if kind == "folder":
+    if kind in ("folder", "list"):
+        from selfsup.pretrain.folders import image_folder, image_list
+
         if not path:
-            raise DatasetError("--source folder needs --path root/<class>/<image>")
-        return ImageFolder(path, size=size, mode=mode)
+            what = "a folder of images (root/<class>/<image> for labels)" if kind == "folder" else "a list file"
+            raise DatasetError(f"--source {kind} needs --path to {what}")
+        if kind == "folder":
+            return image_folder(path, labels=labels, size=size, mode=mode)
+        return image_list(path, size=size, mode=mode, labels=labels)
     if kind == "shapes":
         return shapes(count, size=size, seed=seed + (0 if split == "train" else 1_000_003), name=f"shapes-{split}")
     raise DatasetError(f"unknown source {kind!r}; choose one of {', '.join(SOURCES)}")

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfsup.pretrain.datasets import ArraySource, DatasetError, ImageFolder, cifar, shapes
+from selfsup.pretrain.datasets import ArraySource, DatasetError, cifar, shapes
+from selfsup.pretrain.folders import image_folder
 from selfsup.pretrain.shards import ShardOptions, ShardWriteError, write_shards
 from selfsup.pretrain.stream import (
     ShardError,
@@ -206,10 +207,15 @@ def test_undecodable_image_is_skipped_and_counted(tmp_path: Path) -> None:
 
 def test_sources_bad_input(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found"):
-        ImageFolder(tmp_path / "missing")
+        image_folder(tmp_path / "missing")
     (tmp_path / "flat").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        image_folder(tmp_path / "flat")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "a.png")
     with pytest.raises(DatasetError, match="no class sub-folders"):
-        ImageFolder(tmp_path / "flat")
+        image_folder(tmp_path / "flat", labels="folders")
     with pytest.raises(DatasetError, match="neither batches.meta"):
         cifar(tmp_path)
 
@@ -224,7 +230,7 @@ def test_image_folder_and_cifar_layouts(tmp_path: Path) -> None:
         (tmp_path / "img" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / cls / f"{i}.png")
-    folder = ImageFolder(tmp_path / "img", size=16)
+    folder = image_folder(tmp_path / "img", size=16)
     samples = list(folder)
     assert folder.classes == ["cat", "dog"] and len(samples) == 6
     assert all(s.image.shape == (16, 16, 3) for s in samples) and [s.label for s in samples] == [0] * 3 + [1] * 3
