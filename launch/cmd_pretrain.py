@@ -14,6 +14,10 @@ read (an unknown key or a wrong type is an error that names it). The global batc
   accelerate launch --multi_gpu --num_processes 8 -m selfsup.launch.cli pretrain --config ...
   srun ... python -m selfsup.launch.cli pretrain --config ...   (see SLURM.md)
 
+data.train may also be a folder of images (no manifest.json): it is written once into shards
+under <run_dir>/../.shard-cache/ (or $SELFSUP_CACHE) at data.folder_size px, and reused:
+  selfsup pretrain --config configs/simclr_demo.yaml data.train=photos/ data.folder_size=96
+
 Stopping: SIGUSR1 or SIGTERM -> checkpoint at the end of the current step, exit 0.
 Resuming: --resume auto continues from run_dir/checkpoints/latest (same W&B run).
 """
@@ -45,6 +49,14 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.data.train:
         print("config error: data.train is empty: point it at a shard set (selfsup shards --out DIR)")
         return 2
+
+    from selfsup.pretrain.shard_cache import CacheError, resolve_image_folders
+
+    try:  # a folder of images: written once into cached shards, on rank 0, before any heavy start-up
+        resolve_image_folders(cfg)
+    except CacheError as e:
+        print(f"error: {e}", flush=True)
+        return 1
 
     from selfsup.pretrain.checkpoint import CheckpointError
     from selfsup.pretrain.stream import ShardError

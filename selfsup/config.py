@@ -52,6 +52,10 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per process (decode only)
     shuffle_buffer: int = 2000  # samples held per worker for sample-level shuffling
     max_corrupt_fraction: float = 0.01  # above this fraction of unreadable samples: error
+    # data.train/test given as a folder of images (no manifest.json): written once into cached
+    # shards of this side in px (0: augment.size, else 64); unreadable images: error | skip
+    folder_size: int = 0
+    on_bad_image: str = "error"
 
 
 @dataclass
@@ -137,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lars", "adamw", "sgd"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
+    "data.on_bad_image": ("error", "skip"),
     "log.wandb": ("online", "offline", "off"),
     "augment.recipe": ("simclr", "byol", "mae", "none"),
     "method.dae.loss": ("mse", "l1", "huber"),
@@ -290,6 +295,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.warmup: a fraction in [0, 1), got {cfg.optim.warmup}")
     if cfg.data.workers < 0:
         raise ConfigError(f"data.workers: must be >= 0, got {cfg.data.workers}")
+    if cfg.data.folder_size < 0:
+        raise ConfigError(f"data.folder_size: must be >= 0 (0: augment.size, else 64), got {cfg.data.folder_size}")
     if not 0.0 <= cfg.data.max_corrupt_fraction <= 1.0:
         raise ConfigError("data.max_corrupt_fraction: a fraction in [0, 1]")
     if cfg.method.name == "mae" and not cfg.model.backbone.startswith("vit"):
