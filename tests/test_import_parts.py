@@ -139,6 +139,9 @@ def test_tar_writer_matches_webdataset(tmp_path: Path) -> None:
     from selfsup.pretrain.tar_writer import TarWriter
 
     samples = [{"__key__": f"k{i:03d}", "u8": bytes(range(i % 256)) * (i + 1), "cls": str(i)} for i in range(40)]
+    samples += [{"__key__": "x" * 96, "png": b"\x89PNG" * 300},  # exactly 100 bytes with ".png"
+                {"__key__": "d" * 60 + "/" + "y" * 60, "jpg": b"prefix-split name"},  # tarfile splits it
+                {"__key__": "caf\u00e9-\u732b", "u8": b""}]  # non-ASCII, empty  # fmt: skip
     with TarWriter(tmp_path / "ours.tar") as w:
         for s in samples:
             w.write(s)
