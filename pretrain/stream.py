@@ -65,8 +65,7 @@ class ShardSet:
         self.counts = [int(s["num_samples"]) for s in self.shards]
         self.num_samples = int(manifest["num_samples"])
         self.classes: list[str] = list(manifest["classes"])
-        # unlabelled sets (image folders without class sub-folders) have no .cls member: label -1
-        self.labelled = bool(manifest.get("labelled", True))
+        self.labelled = bool(manifest.get("labelled", True))  # no .cls members when false
         self.channels = int(manifest["channels"])
         self.height, self.width = (int(v) for v in manifest["image_size"])
         self.extension: str = manifest["extension"]
@@ -135,7 +134,7 @@ class ShardSet:
                 raise ShardError(f"{p}: sha256 differs from the manifest")
 
     def decode(self, sample: dict) -> tuple[np.ndarray, int, str]:
-        """Raw tar sample -> (uint8 [C, H, W], label, key). Raises on anything malformed."""
+        """Raw tar sample -> (uint8 [C, H, W], label (-1 if unlabelled), key). Raises on anything malformed."""
         payload = sample[self.extension]
         if self.extension == "u8":
             img = np.frombuffer(payload, dtype=np.uint8)
@@ -149,8 +148,7 @@ class ShardSet:
                 img = img[..., None]
             if img.shape != (self.height, self.width, self.channels):
                 raise ValueError(f"image of shape {img.shape}, manifest says {(self.height, self.width, self.channels)}")
-        label = int(sample["cls"]) if self.labelled else -1
-        return img.transpose(2, 0, 1), label, sample["__key__"]
+        return img.transpose(2, 0, 1), int(sample["cls"]) if self.labelled else -1, sample["__key__"]
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -212,8 +210,7 @@ def _sample_seed(*parts: int) -> np.random.Generator:
 
 class ShardStream(IterableDataset):
     """Yields dict batches ``{"images": uint8 [B,C,H,W], "labels": int64 [B], "keys": [str],
-    "corrupt": int, "padded": int, "worker": int}`` following ``plan_epoch`` (labels are -1 in
-    an unlabelled set)."""
+    "corrupt": int, "padded": int, "worker": int}`` following ``plan_epoch``."""
 
     def __init__(
         self,

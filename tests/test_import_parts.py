@@ -99,6 +99,19 @@ def test_finished_part_is_skipped_and_crashed_part_rewritten(jpegs: Path, tmp_pa
         _run(jpegs, out, part=0, parts=2, seed=5)
 
 
+def test_skipped_images_of_all_parts_are_joined(jpegs: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in" / "c0"
+    folder.mkdir(parents=True)
+    for i, p in enumerate(sorted(jpegs.rglob("*.jpg"))[:12]):
+        (folder / f"{i}.jpg").write_bytes(p.read_bytes()[: 200 if i in (3, 9) else None])  # 2 truncated
+    for i in range(3):
+        _run(tmp_path / "in", tmp_path / "out", part=i, parts=3, on_bad_image="skip")
+    m = join_parts(tmp_path / "out")
+    assert m["num_samples"] == 10 and m["skipped"] == 2
+    lines = (tmp_path / "out" / "skipped.txt").read_text().splitlines()
+    assert sorted(Path(line.split("\t")[0]).name for line in lines) == ["3.jpg", "9.jpg"]
+
+
 def test_join_refuses_mismatched_parts(jpegs: Path, tmp_path: Path) -> None:
     out = tmp_path / "parts"
     _run(jpegs, out, part=0, parts=2)

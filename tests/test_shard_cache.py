@@ -122,3 +122,14 @@ def test_pretrain_straight_from_a_folder(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"reusing the shards in {cache}" in r.stdout and _shard_stamps(str(cache)) == stamps
     assert (tmp_path / "b" / "checkpoints").is_dir()
+
+
+def test_periodic_knn_on_unlabelled_train_data_is_a_config_error(tmp_path: Path) -> None:
+    photos = _photos(tmp_path / "photos", n=8)
+    env = {k: v for k, v in ENV.items() if k not in (CACHE_ENV, "RANK")}
+    cmd = [sys.executable, "-m", "selfsup.launch.cli", "pretrain", f"data.train={photos}", f"data.test={photos}",
+           "eval.every_epochs=1", f"run_dir={tmp_path / 'run'}", *SMALL]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "eval.every_epochs=1 runs kNN with data.train as the labelled database" in r.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
