@@ -95,7 +95,7 @@ class ImageFiles:
 
     def __init__(self, files: list[Path], labels: list[int] | None, classes: list[str], *,
                  root: Path, size: int = 64, mode: str = "RGB", name: str = "images",
-                 how: str = "") -> None:  # fmt: skip
+                 how: str = "", origin: Path | None = None) -> None:  # fmt: skip
         if mode not in ("RGB", "L"):
             raise DatasetError(f"image mode must be RGB or L, got {mode!r}")
         if size < 1:
@@ -104,6 +104,7 @@ class ImageFiles:
             raise DatasetError(f"{len(files)} files but {len(labels)} labels")
         self.files, self.labels, self.classes = files, labels, list(classes)
         self.root, self.size, self.mode, self.name, self.how = root, size, mode, name, how
+        self.origin = origin or root  # the folder or list file the user named
 
     @property
     def labelled(self) -> bool:
@@ -116,7 +117,7 @@ class ImageFiles:
         what = (f"labels from {len(self.classes)} classes ({', '.join(self.classes[:5])}"
                 f"{', ...' if len(self.classes) > 5 else ''})") if self.labelled else "unlabelled"
         hint = "; --labels none ignores them" if self.labelled and self.how.startswith("auto") else ""
-        return f"{self.root}: {len(self)} images, {what}{f' ({self.how}{hint})' if self.how else ''}"
+        return f"{self.origin}: {len(self)} images, {what}{f' ({self.how}{hint})' if self.how else ''}"
 
     def key(self, i: int) -> str:
         path = self.files[i]
@@ -231,7 +232,7 @@ def image_list(path: str | Path, size: int = 64, mode: str = "RGB", labels: str 
     list_name = path.stem or "images"
     if names[0] is None or labels == "none":
         how = "--labels none" if names[0] is not None else f"no labels in {path.name}"
-        return ImageFiles(files, None, [], root=base, size=size, mode=mode, name=list_name, how=how)
+        return ImageFiles(files, None, [], root=base, size=size, mode=mode, name=list_name, how=how, origin=path)
     if all(re.fullmatch(r"[0-9]+", n) for n in names):  # type: ignore[arg-type]
         targets = [int(n) for n in names]  # type: ignore[arg-type]
         classes = [str(c) for c in range(max(targets) + 1)]
@@ -241,4 +242,5 @@ def image_list(path: str | Path, size: int = 64, mode: str = "RGB", labels: str 
         index = {c: i for i, c in enumerate(classes)}
         targets = [index[n] for n in names]  # type: ignore[index]
         how = f"class names in {path.name}"
-    return ImageFiles(files, targets, classes, root=base, size=size, mode=mode, name=list_name, how=how)
+    return ImageFiles(files, targets, classes, root=base, size=size, mode=mode, name=list_name, how=how,
+                      origin=path)  # fmt: skip
