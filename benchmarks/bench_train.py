@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from selfsup.pretrain.datasets import embedded
-from selfsup.pretrain.shards import ShardOptions, shuffled, write_shards
+from selfsup.pretrain.data.datasets import embedded
+from selfsup.pretrain.data.shards import ShardOptions, shuffled, write_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +128,7 @@ def profile_step(config: str, shards: Path, repeats: int, threads: int) -> None:
     from selfsup.config import load_config
     from selfsup.pretrain.methods import build_method
     from selfsup.pretrain.optim import build_optimizer
-    from selfsup.pretrain.stream import ShardSet, load_arrays
+    from selfsup.pretrain.data.stream import ShardSet, load_arrays
     from selfsup.pretrain.train import data_info
 
     cfg = load_config(config, [f"data.train={shards}", "data.test="])

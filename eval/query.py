@@ -58,7 +58,7 @@ def query(
              "class": classes[labels[i]] if labels[i] < len(classes) else str(labels[i])}
             for r, (s, i) in enumerate(zip(sims[0], ids[0], strict=True)) if i >= 0]
     if out_png is not None:
-        from selfsup.pretrain.stream import ShardSet, load_arrays
+        from selfsup.pretrain.data.stream import ShardSet, load_arrays
 
         db_images, _, _ = load_arrays(ShardSet.open(meta["train_shards"]))
         plot_neighbours(x[0], [db_images[ids[0][r["rank"] - 1]] for r in rows],

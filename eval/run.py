@@ -166,7 +166,7 @@ def model_config(path: Path):
 
 def random_init_like(path: Path, info: Any, seed: int) -> nn.Module:
     """The checkpoint's architecture freshly built by ``build_backbone`` with ``seed``."""
-    from selfsup.pretrain.backbones import build_backbone
+    from selfsup.pretrain.models.backbones import build_backbone
 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -213,7 +213,7 @@ class LabelledSet:
 
 def load_labelled(path: str | Path, what: str) -> LabelledSet:
     """A shard set in memory, with labels required (every protocol here is class-based)."""
-    from selfsup.pretrain.stream import ShardError, ShardSet, load_arrays
+    from selfsup.pretrain.data.stream import ShardError, ShardSet, load_arrays
 
     try:
         ss = ShardSet.open(path)

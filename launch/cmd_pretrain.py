@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from selfsup.pretrain.checkpoint import CheckpointError
-    from selfsup.pretrain.stream import ShardError
+    from selfsup.pretrain.data.stream import ShardError
     from selfsup.pretrain.train import TrainingError, train
 
     try:

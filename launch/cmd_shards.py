@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from selfsup.pretrain.datasets import SOURCES, DatasetError, open_source
-from selfsup.pretrain.shards import (
+from selfsup.pretrain.data.datasets import SOURCES, DatasetError, open_source
+from selfsup.pretrain.data.shards import (
     DEFAULT_ENCODING,
     ENCODINGS,
     ShardOptions,
@@ -14,7 +14,7 @@ from selfsup.pretrain.shards import (
     shuffled,
     write_shards,
 )
-from selfsup.pretrain.stream import ShardError, ShardSet
+from selfsup.pretrain.data.stream import ShardError, ShardSet
 
 EXAMPLES = """examples:
   selfsup shards --source embedded --split train --out data/fmnist-train

@@ -41,7 +41,7 @@ from selfsup.pretrain.methods import build_method
 from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.runlog import RunLog
-from selfsup.pretrain.stream import ShardLoader, ShardSet, ShardStream
+from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
 
 
 class TrainingError(RuntimeError):
@@ -305,7 +305,7 @@ def _periodic_knn(cfg: Config, method: torch.nn.Module, info: DataInfo, log: Run
         return
     from selfsup.eval.features import extract_features
     from selfsup.eval.knn import knn_classify
-    from selfsup.pretrain.stream import load_arrays
+    from selfsup.pretrain.data.stream import load_arrays
 
     train_x, train_y, _ = load_arrays(ShardSet.open(cfg.data.train))
     test_x, test_y, _ = load_arrays(ShardSet.open(cfg.data.test))

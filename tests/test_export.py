@@ -21,7 +21,7 @@ from torch import nn
 import selfsup
 from selfsup.config import load_config, save_config
 from selfsup.launch.cli import main as cli_main
-from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.models.backbones import build_backbone
 from selfsup.pretrain.export import (
     CONFIG_FILE,
     ONNX_FILE,

@@ -19,7 +19,7 @@ from selfsup.pretrain.methods.mae import (
     unpatchify,
 )
 from selfsup.pretrain.optim import split_decay
-from selfsup.pretrain.vit import build_vit
+from selfsup.pretrain.models.vit import build_vit
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 

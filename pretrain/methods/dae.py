@@ -30,7 +30,7 @@ from torch import nn
 
 from selfsup.augment.corrupt import CorruptConfig, check_corrupt_config, corrupt
 from selfsup.augment.views import build_views
-from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.models.backbones import build_backbone
 
 if TYPE_CHECKING:  # config imports this module for DAEConfig: only type hints may go the other way
     from selfsup.config import Config

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.models.backbones import build_backbone
 from selfsup.pretrain.distributed import all_gather_grad, get_rank
 
 if TYPE_CHECKING:

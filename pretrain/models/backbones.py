@@ -146,11 +146,11 @@ class ResNet(nn.Module):
 
 
 def build_backbone(model_cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Module:
-    """Backbone named by ``model_cfg.backbone``; ViTs come from ``selfsup.pretrain.vit``."""
+    """Backbone named by ``model_cfg.backbone``; ViTs come from ``selfsup.pretrain.models.vit``."""
     name = model_cfg.backbone
     if name.startswith("vit"):
         # imported here so ResNet users do not depend on the ViT module
-        from selfsup.pretrain.vit import build_vit
+        from selfsup.pretrain.models.vit import build_vit
 
         return build_vit(model_cfg, in_chans, image_size)
     if name not in ARCHS:

@@ -102,7 +102,7 @@ def build_embedded_subset(
 ) -> None:
     """Write the stratified subset shipped as the embedded default dataset (run once, by hand).
 
-    ``python -c "from selfsup.pretrain.datasets import build_embedded_subset as b;
+    ``python -c "from selfsup.pretrain.data.datasets import build_embedded_subset as b;
     b('/usr/share/datasets/fashion-mnist', 'pretrain/data/fashion_mnist_subset.npz')"``
     """
     rng = np.random.default_rng(0)
@@ -126,7 +126,7 @@ def embedded(split: str = "train") -> ArraySource:
     """
     if split not in ("train", "test"):
         raise DatasetError(f"embedded split must be train or test, got {split!r}")
-    with resources.files("selfsup.pretrain").joinpath("data", EMBEDDED_FILE).open("rb") as f:
+    with resources.files("selfsup.pretrain.data").joinpath(EMBEDDED_FILE).open("rb") as f:
         data = np.load(f)
         images = data[f"{split}_images"][..., None]
         labels = data[f"{split}_labels"].astype(np.int64)

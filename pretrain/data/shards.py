@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from selfsup.pretrain.datasets import Sample
+from selfsup.pretrain.data.datasets import Sample
 
 MANIFEST = "manifest.json"
 FORMAT = "selfsup-shards/1"

@@ -41,7 +41,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from selfsup.pretrain.shards import FORMAT, MANIFEST
+from selfsup.pretrain.data.shards import FORMAT, MANIFEST
 
 _REQUIRED = ("format", "encoding", "extension", "image_size", "channels", "classes", "num_samples", "shards")
 
@@ -118,7 +118,7 @@ class ShardSet:
         return shardset
 
     def _check_files(self, verify_hashes: bool) -> None:
-        from selfsup.pretrain.shards import _sha256
+        from selfsup.pretrain.data.shards import _sha256
 
         for shard, url in zip(self.shards, self.urls, strict=True):
             p = Path(url)

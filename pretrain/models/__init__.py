@@ -1,0 +1,1 @@
+"""Backbones: ResNets with torchvision names (backbones.py), ViTs with timm names (vit.py)."""
