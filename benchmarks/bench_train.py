@@ -126,9 +126,9 @@ def profile_step(config: str, shards: Path, repeats: int, threads: int) -> None:
     """Where one training step's time goes, timed phase by phase in this process."""
     torch.set_num_threads(threads)
     from selfsup.config import load_config
+    from selfsup.pretrain.data.stream import ShardSet, load_arrays
     from selfsup.pretrain.methods import build_method
     from selfsup.pretrain.optim import build_optimizer
-    from selfsup.pretrain.data.stream import ShardSet, load_arrays
     from selfsup.pretrain.train import data_info
 
     cfg = load_config(config, [f"data.train={shards}", "data.test="])

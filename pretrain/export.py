@@ -169,7 +169,9 @@ def build_and_load(
     Mismatches are reported as names and shapes (not torch's long dump), so a wrong config or a
     file from another architecture is obvious.
     """
-    from selfsup.pretrain.models.backbones import build_backbone  # heavy; only when a model is built
+    from selfsup.pretrain.models.backbones import (
+        build_backbone,  # heavy; only when a model is built
+    )
 
     try:
         backbone = build_backbone(model_cfg, info.channels, info.image_size)

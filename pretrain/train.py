@@ -37,11 +37,11 @@ from selfsup.pretrain.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
 from selfsup.pretrain.methods import build_method
 from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.runlog import RunLog
-from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
 
 
 class TrainingError(RuntimeError):

@@ -21,7 +21,6 @@ from torch import nn
 import selfsup
 from selfsup.config import load_config, save_config
 from selfsup.launch.cli import main as cli_main
-from selfsup.pretrain.models.backbones import build_backbone
 from selfsup.pretrain.export import (
     CONFIG_FILE,
     ONNX_FILE,
@@ -31,6 +30,7 @@ from selfsup.pretrain.export import (
     load_backbone,
 )
 from selfsup.pretrain.methods.base import DataInfo
+from selfsup.pretrain.models.backbones import build_backbone
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.286,), std=(0.353,))
 RGB32 = DataInfo(channels=3, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.24, 0.26))

@@ -18,8 +18,8 @@ from selfsup.pretrain.methods.mae import (
     random_masking,
     unpatchify,
 )
-from selfsup.pretrain.optim import split_decay
 from selfsup.pretrain.models.vit import build_vit
+from selfsup.pretrain.optim import split_decay
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 

@@ -20,7 +20,12 @@ from torch import nn
 
 from selfsup.augment.views import build_views
 from selfsup.pretrain.models.backbones import build_backbone
-from selfsup.pretrain.models.vit import Block, VisionTransformer, init_transformer_weights, sincos_2d
+from selfsup.pretrain.models.vit import (
+    Block,
+    VisionTransformer,
+    init_transformer_weights,
+    sincos_2d,
+)
 
 if TYPE_CHECKING:  # config imports this module for MAEConfig: only type hints may go the other way
     from selfsup.config import Config

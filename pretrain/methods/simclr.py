@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.pretrain.models.backbones import build_backbone
 from selfsup.pretrain.distributed import all_gather_grad, get_rank
+from selfsup.pretrain.models.backbones import build_backbone
 
 if TYPE_CHECKING:
     from selfsup.config import Config
