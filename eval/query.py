@@ -15,7 +15,7 @@ import torch
 from selfsup.eval.features import extract_features, weights_hash
 from selfsup.eval.knn import load_index, search
 from selfsup.eval.plots import plot_neighbours
-from selfsup.eval.run import EvalError, load_model
+from selfsup.eval.run import EvalError, load_model, resolve_checkpoint
 
 
 def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
@@ -43,7 +43,7 @@ def query(
 ) -> list[dict[str, Any]]:
     """Nearest training items of one image, from the saved index; writes a PNG grid."""
     index, labels, keys, meta = load_index(index_dir)
-    backbone = load_model(checkpoint or meta["checkpoint"])
+    backbone = load_model(resolve_checkpoint(checkpoint or meta["checkpoint"]))
     if weights_hash(backbone) != meta["weights_hash"]:
         raise EvalError(
             f"the index in {index_dir} was built from other weights than {checkpoint or meta['checkpoint']} "

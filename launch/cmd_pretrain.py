@@ -46,16 +46,25 @@ def run(args: argparse.Namespace) -> int:
         print("config error: data.train is empty: point it at a shard set (selfsup shards --out DIR)")
         return 2
 
-    from selfsup.pretrain.checkpoint import CheckpointError
     from selfsup.pretrain.data.stream import ShardError
+    from selfsup.pretrain.rundir import RunDirError
     from selfsup.pretrain.train import TrainingError, train
 
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, hooks=default_hooks(cfg))
     except ConfigError as e:
         print(f"config error: {e}", flush=True)
         return 2
-    except (ShardError, CheckpointError, TrainingError) as e:
+    except (ShardError, RunDirError, TrainingError) as e:
         print(f"error: {e}", flush=True)
         return 1
     return 0
+
+
+def default_hooks(cfg):
+    """What ``selfsup pretrain`` hands the loop: the reconstruction grid (methods that reconstruct)
+    and the periodic kNN evaluation (``eval.every_epochs`` with ``data.test``)."""
+    from selfsup.eval.periodic import periodic_hooks
+    from selfsup.pretrain.recon import ReconstructionGrid
+
+    return [ReconstructionGrid(cfg.data.train), *periodic_hooks(cfg)]

@@ -30,14 +30,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from selfsup import __version__
-from selfsup.config import Config, ConfigError, ModelConfig, from_dict, load_config
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup._version import __version__
+from selfsup.config import Config, ConfigError, ModelConfig, from_dict
+from selfsup.data_info import DataInfo
+from selfsup.pretrain import rundir
+from selfsup.tables import markdown_table
 
 FORMAT = "selfsup-backbone"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "backbone.safetensors"
-CONFIG_FILE = "config.json"
+WEIGHTS_FILE = rundir.EXPORT_WEIGHTS
+CONFIG_FILE = rundir.EXPORT_CONFIG
 CARD_FILE = "README.md"
 ONNX_FILE = "backbone.onnx"
 BACKBONE_PREFIX = "backbone."
@@ -46,7 +48,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ONNX_TOLERANCE = 1e-4  # max |onnx - torch| on unit-scale features; fp32 kernels differ ~1e-6
 
 
-class ExportError(ValueError):
+class ExportError(rundir.RunDirError):
     """A run or export folder cannot be read or written; the message names the file and why."""
 
 
@@ -60,53 +62,6 @@ class RunCheckpoint:
     info: DataInfo
     backbone_state: dict[str, torch.Tensor]
     step: int
-
-
-def read_data_info(path: Path) -> DataInfo:
-    """DataInfo from a JSON object with its fields (``data_info.json`` or a config.json section)."""
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ExportError(f"{path}: missing (it holds channels, image size, mean and std)") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: not readable JSON ({e})") from e
-    return data_info_from_dict(raw, str(path))
-
-
-def data_info_from_dict(raw: Any, source: str) -> DataInfo:
-    names = [f.name for f in dataclasses.fields(DataInfo)]
-    if not isinstance(raw, dict) or any(n not in raw for n in names):
-        raise ExportError(f"{source}: expected an object with keys {', '.join(names)}")
-    try:
-        info = DataInfo(
-            channels=int(raw["channels"]),
-            image_size=int(raw["image_size"]),
-            mean=tuple(float(v) for v in raw["mean"]),
-            std=tuple(float(v) for v in raw["std"]),
-        )
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{source}: bad data info values ({e})") from e
-    if info.channels <= 0 or info.image_size <= 0:
-        raise ExportError(f"{source}: channels and image_size must be > 0, got {raw}")
-    if len(info.mean) != info.channels or len(info.std) != info.channels:
-        raise ExportError(f"{source}: mean/std need one value per channel ({info.channels})")
-    return info
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint file named by ``checkpoints/latest`` (else the highest ``step-*.pt``)."""
-    ckdir = run_dir / "checkpoints"
-    pointer = ckdir / "latest"
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        path = ckdir / name
-        if not name or not path.is_file():
-            raise ExportError(f"{pointer} names '{name}', which is not a file in {ckdir}")
-        return path
-    found = sorted(ckdir.glob("step-*.pt"))
-    if not found:
-        raise ExportError(f"{run_dir}: no checkpoint (no {pointer} and no {ckdir}/step-*.pt)")
-    return found[-1]
 
 
 def backbone_state_dict(model_state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -127,33 +82,28 @@ def backbone_state_dict(model_state: dict[str, Any], source: str) -> dict[str, t
     return out
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
-        raise ExportError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ExportError(f"{path}: not a selfsup checkpoint (expected a dict with 'model')")
-    return ckpt
-
-
 def read_run(path: str | Path) -> RunCheckpoint:
     """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``)."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".pt":
-        run_dir, ckpt_path = path.parent.parent, path
-    elif path.is_dir():
-        run_dir, ckpt_path = path, latest_checkpoint(path)
-    else:
-        raise ExportError(f"{path}: no such run directory or checkpoint file")
     try:
-        cfg = load_config(run_dir / "config.yaml")
-    except ConfigError as e:
-        raise ExportError(f"{run_dir / 'config.yaml'}: {e}") from e
-    info = read_data_info(run_dir / "data_info.json")
-    ckpt = _torch_load(ckpt_path)
-    state = backbone_state_dict(ckpt["model"], str(ckpt_path))
-    return RunCheckpoint(run_dir, ckpt_path, cfg, info, state, int(ckpt.get("step", 0)))
+        where = rundir.resolve(path)
+        if where.kind == "export":
+            raise ExportError(f"{path}: an export folder, not a run directory or checkpoint")
+        cfg = rundir.read_config(where.run_dir)
+        info = rundir.read_data_info(where.run_dir)
+        ckpt = rundir.load_checkpoint(where.checkpoint)
+    except ExportError:
+        raise
+    except rundir.RunDirError as e:
+        raise ExportError(str(e)) from e
+    state = backbone_state_dict(ckpt["model"], str(where.checkpoint))
+    return RunCheckpoint(where.run_dir, where.checkpoint, cfg, info, state, int(ckpt.get("step", 0)))
+
+
+def _data_info_from_dict(raw: Any, source: str) -> DataInfo:
+    try:
+        return rundir.data_info_from_dict(raw, source)
+    except rundir.RunDirError as e:
+        raise ExportError(str(e)) from e
 
 
 def _describe(model_cfg: ModelConfig, info: DataInfo) -> str:
@@ -200,7 +150,7 @@ def build_and_load(
     return backbone
 
 
-def _read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str, Any]]:
+def read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str, Any]]:
     path = out_dir / CONFIG_FILE
     try:
         meta = json.loads(path.read_text())
@@ -218,7 +168,7 @@ def _read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str,
         model_cfg = from_dict(ModelConfig, meta.get("architecture") or {}, "architecture")
     except ConfigError as e:
         raise ExportError(f"{path}: {e}") from e
-    info = data_info_from_dict(
+    info = _data_info_from_dict(
         {
             "channels": meta.get("channels"),
             "image_size": meta.get("image_size"),
@@ -240,7 +190,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if path.is_dir() and (path / WEIGHTS_FILE).exists():
-        model_cfg, info, _ = _read_export_config(path)
+        model_cfg, info, _ = read_export_config(path)
         weights = path / WEIGHTS_FILE
         try:
             state = load_file(str(weights))
@@ -308,7 +258,7 @@ def export_onnx(backbone: nn.Module, info: DataInfo, path: Path, batch: int = 4)
 
 def _eval_section(run_dir: Path) -> str:
     """The run's evaluation table (metrics x pretrained/baselines) from ``eval/report.json``."""
-    report_path = run_dir / "eval" / "report.json"
+    report_path = run_dir / rundir.EVAL_DIR / "report.json"
     if not report_path.is_file():
         return "No evaluation report was found in the run directory (`selfsup eval` writes one).\n"
     try:
@@ -317,8 +267,6 @@ def _eval_section(run_dir: Path) -> str:
         return f"The evaluation report could not be read ({e}).\n"
     if not isinstance(models, dict) or not models:
         return "The evaluation report has no results table.\n"
-    from selfsup.eval.report import markdown_table
-
     return f"From `eval/report.json` of the run:\n\n{markdown_table(models)}\n"
 
 

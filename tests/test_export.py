@@ -20,6 +20,7 @@ from torch import nn
 
 import selfsup
 from selfsup.config import load_config, save_config
+from selfsup.data_info import DataInfo
 from selfsup.launch.cli import main as cli_main
 from selfsup.pretrain.export import (
     CONFIG_FILE,
@@ -29,7 +30,6 @@ from selfsup.pretrain.export import (
     export_run,
     load_backbone,
 )
-from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.models.backbones import build_backbone
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.286,), std=(0.353,))

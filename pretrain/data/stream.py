@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,13 +380,6 @@ class ShardLoader:
             self.corrupt = sum(c for c, _ in per_worker.values())
             self.padded = sum(p for _, p in per_worker.values())
             yield batch
-
-
-def rank_and_world() -> tuple[int, int]:
-    """From an initialised process group, else from launcher environment variables."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def load_arrays(shardset: ShardSet, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
