@@ -29,10 +29,10 @@ import torch
 from selfsup import load_backbone
 from selfsup.augment.views import build_views
 from selfsup.config import load_config
+from selfsup.data_info import DataInfo
+from selfsup.pretrain.build import build_method
 from selfsup.pretrain.data.datasets import Sample, shapes
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
-from selfsup.pretrain.methods import build_method
-from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.methods.simclr import info_nce
 from selfsup.pretrain.optim import build_optimizer
 
