@@ -34,10 +34,12 @@ from selfsup._version import __version__
 from selfsup.config import Config, ConfigError, ModelConfig, from_dict
 from selfsup.data_info import DataInfo
 from selfsup.pretrain import rundir
+from selfsup.pretrain.interop import loading_snippet, param_naming, timm_spec
 from selfsup.tables import markdown_table
 
 FORMAT = "selfsup-backbone"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: our architecture under "model"; "architecture" is timm's model name
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = rundir.EXPORT_WEIGHTS
 CONFIG_FILE = rundir.EXPORT_CONFIG
 CARD_FILE = "README.md"
@@ -160,12 +162,14 @@ def read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str, 
         raise ExportError(f"{path}: not readable JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportError(f"{path}: not a {FORMAT} config (missing \"format\": \"{FORMAT}\")")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise ExportError(
-            f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
+            f"{path}: format_version {version} is not one of {READABLE_VERSIONS}"
         )
+    key = "architecture" if version == 1 else "model"
     try:
-        model_cfg = from_dict(ModelConfig, meta.get("architecture") or {}, "architecture")
+        model_cfg = from_dict(ModelConfig, meta.get(key) or {}, key)
     except ConfigError as e:
         raise ExportError(f"{path}: {e}") from e
     info = _data_info_from_dict(
@@ -201,23 +205,6 @@ def load_backbone(path: str | Path) -> nn.Module:
         raise ExportError(f"{path}: export folder without {WEIGHTS_FILE}")
     run = read_run(path)
     return build_and_load(run.cfg.model, run.info, run.backbone_state, str(run.checkpoint))
-
-
-def param_naming(model_cfg: ModelConfig) -> str:
-    """Which reference library's names the weights follow, and the matching constructor if any."""
-    name = model_cfg.backbone
-    timm = ("vit_tiny", "vit_small", "vit_base")
-    torchvision = ("resnet18", "resnet34", "resnet50")
-    if name in timm:
-        return (
-            f"timm VisionTransformer (timm.create_model('{name}_patch"
-            f"{model_cfg.patch_size}_224', num_classes=0, img_size=..., in_chans=...))"
-        )
-    if name.startswith("vit"):
-        return "timm VisionTransformer naming (no timm preset of this size)"
-    if name in torchvision and model_cfg.stem == "imagenet" and model_cfg.width == 1.0:
-        return f"torchvision.models.{name}() (in_chans may differ from 3: see conv1.weight)"
-    return "torchvision ResNet naming (conv1, bn1, layerN.M..., no fc; no torchvision preset)"
 
 
 def export_onnx(backbone: nn.Module, info: DataInfo, path: Path, batch: int = 4) -> float:
@@ -273,7 +260,7 @@ def _eval_section(run_dir: Path) -> str:
 def model_card(run: RunCheckpoint, meta: dict[str, Any]) -> str:
     """The README.md of an export: what it is, how it was trained, how well, how to load it."""
     cfg, info = run.cfg, run.info
-    arch = ", ".join(f"{k}={v}" for k, v in meta["architecture"].items())
+    arch = ", ".join(f"{k}={v}" for k, v in meta["model"].items())
     return f"""# {cfg.model.backbone} pretrained with {cfg.method.name.upper()} (selfsup {__version__})
 
 Backbone only (no projection head, no classifier): it maps an image to a
@@ -302,11 +289,7 @@ model = selfsup.load_backbone("path/to/this/folder")   # eval mode, model.data_i
 ```
 or, without selfsup:
 ```python
-from safetensors.torch import load_file
-state = load_file("{WEIGHTS_FILE}")
-# model = <the reference architecture above, built with the same channels/stem>
-# model.load_state_dict(state, strict=False)   # only the classifier head is missing
-```
+{loading_snippet(cfg.model, info, WEIGHTS_FILE)}```
 
 ## Files
 - `{WEIGHTS_FILE}`: weights (safetensors, no pickle)
@@ -330,8 +313,8 @@ def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) ->
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "selfsup_version": __version__,
-        "architecture": dataclasses.asdict(run.cfg.model),
-        "param_naming": param_naming(run.cfg.model),
+        "model": dataclasses.asdict(run.cfg.model),
+        "param_naming": param_naming(run.cfg.model, run.info),
         "feature_dim": int(backbone.feature_dim),
         "channels": run.info.channels,
         "image_size": run.info.image_size,
@@ -340,6 +323,8 @@ def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) ->
         "method": run.cfg.method.name,
         "step": run.step,
         "source_checkpoint": str(run.checkpoint),
+        # timm's fields (architecture, model_args, pretrained_cfg): timm.create_model('local-dir:...')
+        **(timm_spec(run.cfg.model, run.info) or {}),
     }
     paths = {"weights": out / WEIGHTS_FILE, "config": out / CONFIG_FILE, "card": out / CARD_FILE}
     save_file(state, str(paths["weights"]), metadata={"format": "pt", "selfsup": FORMAT})
