@@ -73,28 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=8, help="neighbours shown by --query")
 
 
-def _shards_from_run(where, train: str | None, test: str | None) -> tuple[str, str]:
-    """Fill missing shard paths from the run's config (data.train / data.test)."""
-    from selfsup.eval.run import EvalError
-    from selfsup.pretrain.rundir import RunDirError, read_config
-
-    if train and test:
-        return train, test
-    try:
-        cfg = read_config(where.run_dir) if where.run_dir is not None else None
-    except RunDirError as e:
-        raise EvalError(str(e)) from e
-    train = train or (cfg.data.train if cfg else "")
-    test = test or (cfg.data.test if cfg else "")
-    if not train or not test:
-        raise EvalError("--train-shards and --test-shards are required (the checkpoint's config "
-                        "does not name data.train and data.test)")
-    return train, test
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from selfsup.api import shards_for
     from selfsup.eval.query import query
     from selfsup.eval.run import EvalError, EvalOptions, resolve_checkpoint, run_eval
     from selfsup.pretrain.rundir import EVAL_DIR
@@ -110,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r['rank']:>4}  {r['similarity']:>10.4f}  {r['class']:<20} {r['key']}")
             print(f"grid: {png}")
             return 0
-        train, test = _shards_from_run(where, args.train_shards, args.test_shards)
+        train, test = shards_for(where, args.train_shards, args.test_shards)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         opts = EvalOptions(
             protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],

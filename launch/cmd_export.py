@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from selfsup.pretrain.export import export_run
     from selfsup.pretrain.rundir import EXPORT_DIR, RunDirError, resolve
 
-    try:
+    try:  # as selfsup.api.export, printing every file written
         where = resolve(args.run)
         out = Path(args.out) if args.out else where.home / EXPORT_DIR
         paths = export_run(where.path, out, onnx=args.onnx)

@@ -46,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
         print("config error: data.train is empty: point it at a shard set (selfsup shards --out DIR)")
         return 2
 
+    from selfsup.api import pretrain_config
     from selfsup.pretrain.data.stream import ShardError
     from selfsup.pretrain.rundir import RunDirError
-    from selfsup.pretrain.train import TrainingError, train
+    from selfsup.pretrain.train import TrainingError
 
     try:
-        train(cfg, resume=args.resume, hooks=default_hooks(cfg))
+        pretrain_config(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"config error: {e}", flush=True)
         return 2
@@ -60,11 +61,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def default_hooks(cfg):
-    """What ``selfsup pretrain`` hands the loop: the reconstruction grid (methods that reconstruct)
-    and the periodic kNN evaluation (``eval.every_epochs`` with ``data.test``)."""
-    from selfsup.eval.periodic import periodic_hooks
-    from selfsup.pretrain.recon import ReconstructionGrid
-
-    return [ReconstructionGrid(cfg.data.train), *periodic_hooks(cfg)]

@@ -369,8 +369,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
-    return validate(from_dict(Config, data))
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """A checked Config from a nested mapping (a recipe's content) plus overrides."""
+    return validate(from_dict(Config, _merge(data, parse_overrides(list(overrides or [])))))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
