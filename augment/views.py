@@ -16,6 +16,7 @@ on one channel and are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -24,7 +25,7 @@ import kornia
 import torch
 from torch import nn
 
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup.data_info import DataInfo
 
 RECIPES = ("simclr", "byol", "mae", "none")
 # BYOL's asymmetric probabilities (Grill et al. 2020, table 6): view 1 always blurred, never
@@ -61,6 +62,10 @@ class AugmentConfig:
     # default: blur_p / solarize_p for every view, or BYOL's (1.0, 0.1) / (0.0, 0.2) for ``byol``.
     view_blur_p: list[float] = field(default_factory=list)
     view_solarize_p: list[float] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Every bad recipe name or parameter is a ValueError naming the ``augment.*`` key."""
+        _check_config(self)
 
 
 @dataclass
@@ -225,6 +230,18 @@ class Views(nn.Module):
 
     def extra_repr(self) -> str:
         return f"recipe={self.cfg.recipe}, channels={self.channels}, size={self.size}"
+
+    def plain(self) -> Views:
+        """The same size and normalisation with no random crop, flip or colour: what grids and
+        evaluation show."""
+        return Views(dataclasses.replace(self.cfg, recipe="none"), self.channels, self.size,
+                     self.mean, self.std)  # fmt: skip
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float images back to [0, 1] (inverse of the normalisation, clamped)."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
 
     def _per_view(self, probs: tuple[float, ...], n_views: int, batch: int, device) -> torch.Tensor:
         p = torch.tensor([probs[i % len(probs)] for i in range(n_views)], device=device)

@@ -35,8 +35,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
 from selfsup.augment.views import AugmentConfig, build_views
-from selfsup.pretrain.datasets import shapes
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup.data_info import DataInfo
+from selfsup.pretrain.data.datasets import shapes
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

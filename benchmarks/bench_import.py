@@ -58,10 +58,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from selfsup.pretrain.datasets import shapes
-from selfsup.pretrain.folders import image_folder
-from selfsup.pretrain.import_parallel import ImportPlan, import_source
-from selfsup.pretrain.shards import ShardOptions
+from selfsup.pretrain.data.datasets import shapes
+from selfsup.pretrain.data.folders import image_folder
+from selfsup.pretrain.data.import_parallel import ImportPlan, import_source
+from selfsup.pretrain.data.shards import ShardOptions
 
 
 def make_folder(root: Path, n: int, side: int) -> list[Path]:

@@ -3,14 +3,14 @@
 Same images, same batch size, same DataLoader worker count, one run:
 
   (a) ``ShardLoader(ShardStream(...))`` over tar shards written by
-      ``selfsup.pretrain.shards.write_shards``, with ``raw`` (uint8 bytes) and ``png`` payloads;
+      ``selfsup.pretrain.data.shards.write_shards``, with ``raw`` (uint8 bytes) and ``png`` payloads;
   (b) a folder ``root/<class>/<key>.png`` read by a map-style ``Dataset`` that opens each file
       with PIL, through ``DataLoader(shuffle=True)`` (what torchvision's ImageFolder does).
 
 PNGs are written with the same encoder settings in (a) and (b) (PIL, ``compress_level=1``, what
 the shard writer uses), so the png rows differ only in the container: one tar stream per 1000
 samples vs one file per image. Datasets: the embedded Fashion-MNIST train subset (28x28x1) and
-procedural shapes (``selfsup.pretrain.datasets.shapes``, RGB). Both readers shuffle, both drop
+procedural shapes (``selfsup.pretrain.data.datasets.shapes``, RGB). Both readers shuffle, both drop
 the last partial batch.
 
 Reported per row: images/s over one full pass, wall clock from ``iter()`` to the last batch (so
@@ -37,9 +37,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from selfsup.pretrain.datasets import ArraySource, embedded, shapes
-from selfsup.pretrain.shards import ShardOptions, encode_image, shuffled, write_shards
-from selfsup.pretrain.stream import ShardLoader, ShardSet, ShardStream
+from selfsup.pretrain.data.datasets import ArraySource, embedded, shapes
+from selfsup.pretrain.data.shards import ShardOptions, encode_image, shuffled, write_shards
+from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
 
 READERS = ("shards-raw", "shards-png", "png-folder")
 

@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from selfsup.pretrain.datasets import embedded
-from selfsup.pretrain.shards import ShardOptions, shuffled, write_shards
+from selfsup.pretrain.data.datasets import embedded
+from selfsup.pretrain.data.shards import ShardOptions, shuffled, write_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,16 +126,16 @@ def profile_step(config: str, shards: Path, repeats: int, threads: int) -> None:
     """Where one training step's time goes, timed phase by phase in this process."""
     torch.set_num_threads(threads)
     from selfsup.config import load_config
-    from selfsup.pretrain.methods import build_method
+    from selfsup.pretrain.build import build_method, data_info
+    from selfsup.pretrain.data.stream import ShardSet, load_arrays
     from selfsup.pretrain.optim import build_optimizer
-    from selfsup.pretrain.stream import ShardSet, load_arrays
-    from selfsup.pretrain.train import data_info
 
     cfg = load_config(config, [f"data.train={shards}", "data.test="])
     ss = ShardSet.open(shards)
     images = load_arrays(ss)[0][: cfg.data.batch_size]
     torch.manual_seed(0)
-    method = build_method(cfg, data_info(cfg, ss)).to(memory_format=torch.channels_last)
+    info = data_info(cfg, ss.channels, ss.image_size, ss.mean, ss.std)
+    method = build_method(cfg, info).to(memory_format=torch.channels_last)
     method.train()
     opt = build_optimizer(cfg.optim, method, cfg.data.batch_size)
     bf16 = cfg.train.precision in ("auto", "bf16")

@@ -88,8 +88,9 @@ def extract_features_from(
     batches are resized to when they differ. Returns float32 ``[N, D]`` on the CPU.
     """
     dev = _device_of(backbone, device)
-    if image_size is None and hasattr(backbone, "data_info"):
-        image_size = int(backbone.data_info.image_size)
+    info = getattr(backbone, "data_info", None)  # a Backbone's, set when loaded from a run
+    if image_size is None and info is not None:
+        image_size = int(info.image_size)
     chunks: list[torch.Tensor] = []
     with _FrozenEval(backbone), torch.inference_mode():
         for x in batches:

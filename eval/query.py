@@ -15,7 +15,7 @@ import torch
 from selfsup.eval.features import extract_features, weights_hash
 from selfsup.eval.knn import load_index, search
 from selfsup.eval.plots import plot_neighbours
-from selfsup.eval.run import EvalError, load_model
+from selfsup.eval.run import EvalError, load_model, resolve_checkpoint
 
 
 def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
@@ -43,7 +43,7 @@ def query(
 ) -> list[dict[str, Any]]:
     """Nearest training items of one image, from the saved index; writes a PNG grid."""
     index, labels, keys, meta = load_index(index_dir)
-    backbone = load_model(checkpoint or meta["checkpoint"])
+    backbone = load_model(resolve_checkpoint(checkpoint or meta["checkpoint"]))
     if weights_hash(backbone) != meta["weights_hash"]:
         raise EvalError(
             f"the index in {index_dir} was built from other weights than {checkpoint or meta['checkpoint']} "
@@ -58,7 +58,7 @@ def query(
              "class": classes[labels[i]] if labels[i] < len(classes) else str(labels[i])}
             for r, (s, i) in enumerate(zip(sims[0], ids[0], strict=True)) if i >= 0]
     if out_png is not None:
-        from selfsup.pretrain.stream import ShardSet, load_arrays
+        from selfsup.pretrain.data.stream import ShardSet, load_arrays
 
         db_images, _, _ = load_arrays(ShardSet.open(meta["train_shards"]))
         plot_neighbours(x[0], [db_images[ids[0][r["rank"] - 1]] for r in rows],

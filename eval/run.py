@@ -8,7 +8,6 @@ anything that yields features can be evaluated the same way.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from selfsup.augment.views import normalize
+from selfsup.config import ModelConfig
+from selfsup.data_info import DataInfo
 from selfsup.eval.anomaly import knn_anomaly_auroc, per_class_auroc, reconstruction_scores
 from selfsup.eval.features import cached_features, extract_features, weights_hash
 from selfsup.eval.knn import (
@@ -33,6 +33,11 @@ from selfsup.eval.knn import (
 from selfsup.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from selfsup.eval.plots import plot_embeddings, project_2d, subsample
 from selfsup.eval.report import write_report
+from selfsup.pretrain import rundir
+from selfsup.pretrain.methods import Method, method_entry
+from selfsup.pretrain.models.backbones import build_backbone
+from selfsup.pretrain.models.base import Backbone
+from selfsup.pretrain.rundir import Resolved
 
 PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
 BASELINES = ("raw_pixels", "random_init")
@@ -130,74 +135,57 @@ def raw_pixel_features(images_uint8: torch.Tensor, mean: Sequence[float], std: S
 # ---------------------------------------------------------------- inputs: checkpoint and shards
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise EvalError(f"checkpoint not found: {p} (give a run directory, an export folder or a .pt)")
-    return p
-
-
-def load_model(path: str | Path) -> nn.Module:
-    """``load_backbone`` with its errors turned into EvalError naming the checkpoint."""
-    from selfsup.pretrain.export import ExportError, load_backbone
-
-    p = resolve_checkpoint(path)
+def resolve_checkpoint(path: str | Path) -> Resolved:
+    """What the user's path is (run dir, checkpoint in one, export folder), or an EvalError."""
     try:
-        return load_backbone(p)
-    except ExportError as e:
-        raise EvalError(f"cannot load checkpoint {p}: {e}") from e
+        return rundir.resolve(path)
+    except rundir.RunDirError as e:
+        raise EvalError(str(e)) from e
 
 
-def _run_dir(path: Path) -> Path | None:
-    run = path.parent.parent if path.suffix == ".pt" else path
-    return run if (run / "config.yaml").is_file() else None
+def load_model(where: Resolved) -> Backbone:
+    """``load_backbone`` with its errors turned into EvalError naming the checkpoint."""
+    from selfsup.pretrain.export import load_backbone
+
+    try:
+        return load_backbone(where.path)
+    except rundir.RunDirError as e:
+        raise EvalError(f"cannot load checkpoint {where.path}: {e}") from e
 
 
-def model_config(path: Path):
+def model_config(where: Resolved) -> ModelConfig:
     """The ``ModelConfig`` of a run directory or export folder (to rebuild it at random init)."""
-    from selfsup.config import ModelConfig, from_dict, load_config
+    from selfsup.pretrain.export import read_export_config
 
-    run = _run_dir(path)
-    if run is not None:
-        return load_config(run / "config.yaml").model
-    meta = json.loads((path / "config.json").read_text())
-    return from_dict(ModelConfig, meta.get("architecture") or {}, "architecture")
+    if where.run_dir is not None:
+        return rundir.read_config(where.run_dir).model
+    return read_export_config(where.path)[0]
 
 
-def random_init_like(path: Path, info: Any, seed: int) -> nn.Module:
+def random_init_like(where: Resolved, info: DataInfo, seed: int) -> Backbone:
     """The checkpoint's architecture freshly built by ``build_backbone`` with ``seed``."""
-    from selfsup.pretrain.backbones import build_backbone
-
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        net = build_backbone(model_config(path), info.channels, info.image_size)
+        net = build_backbone(model_config(where), info.channels, info.image_size)
     finally:
         torch.random.set_rng_state(state)
     net.data_info = info
     return net.eval()
 
 
-def load_method(path: Path) -> nn.Module | None:
-    """The full method of a run directory (for ``reconstruct``), or None for export folders."""
-    from selfsup.config import load_config
-    from selfsup.pretrain.export import ExportError, latest_checkpoint, read_data_info
-    from selfsup.pretrain.methods import build_method
+def load_method(where: Resolved) -> Method | None:
+    """The full method of a run (for reconstruction scores) if it reconstructs, else None
+    (export folders hold the backbone only)."""
+    from selfsup.pretrain.build import build_method
 
-    run = _run_dir(path)
-    if run is None:
+    if where.run_dir is None:
         return None
-    cfg = load_config(run / "config.yaml")
-    info = read_data_info(run / "data_info.json")
-    try:
-        ckpt_path = path if path.suffix == ".pt" else latest_checkpoint(run)
-    except ExportError as e:
-        raise EvalError(str(e)) from e
-    method = build_method(cfg, info)
-    if not hasattr(method, "reconstruct"):
+    cfg = rundir.read_config(where.run_dir)
+    if not method_entry(cfg.method.name).cls.reconstructs:
         return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    method.load_state_dict(ckpt["model"])
+    method = build_method(cfg, rundir.read_data_info(where.run_dir))
+    method.load_state_dict(rundir.load_checkpoint(where.checkpoint)["model"])
     return method.eval()
 
 
@@ -213,7 +201,7 @@ class LabelledSet:
 
 def load_labelled(path: str | Path, what: str) -> LabelledSet:
     """A shard set in memory, with labels required (every protocol here is class-based)."""
-    from selfsup.pretrain.stream import ShardError, ShardSet, load_arrays
+    from selfsup.pretrain.data.stream import ShardError, ShardSet, load_arrays
 
     try:
         ss = ShardSet.open(path)
@@ -258,8 +246,9 @@ def run_eval(
     out = Path(out_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ckpt = resolve_checkpoint(checkpoint)
-    backbone = load_model(ckpt)
+    where = resolve_checkpoint(checkpoint)
+    ckpt = where.checkpoint or where.path
+    backbone = load_model(where)
     if opts.device:
         backbone.to(opts.device)
     info = backbone.data_info
@@ -286,7 +275,7 @@ def run_eval(
         feats["raw_pixels"] = (raw_pixel_features(train.images, info.mean, info.std),
                                raw_pixel_features(test.images, info.mean, info.std))
     if "random_init" in opts.baselines:
-        rand = random_init_like(ckpt, info, opts.seed).to(opts.device or "cpu")
+        rand = random_init_like(where, info, opts.seed).to(opts.device or "cpu")
         feats["random_init"] = (extract_features(rand, train.images, **kw),
                                 extract_features(rand, test.images, **kw))
     timings["features"] = time.perf_counter() - t
@@ -310,7 +299,7 @@ def run_eval(
 
     if "anomaly" in opts.protocols:
         t = time.perf_counter()
-        method = load_method(ckpt)
+        method = load_method(where)
         if method is not None:
             method.to(opts.device or "cpu")
             scores = reconstruction_scores(method, test.images, opts.batch_size, opts.device,

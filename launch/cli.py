@@ -1,6 +1,6 @@
 """The ``selfsup`` command: one entry point, one module per subcommand.
 
-Each subcommand lives in ``selfsup.launch.cmd_<name>`` and defines ``HELP`` (one line),
+Each subcommand lives in ``selfsup.launch.cmd_<name>`` and defines
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
 subcommand runs, so ``selfsup --help`` stays fast and a broken optional piece cannot break the rest.
 """

@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HELP = "the whole pipeline on the embedded data: shards, pretrain, eval, export"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "simclr_demo.yaml"
 CLI = [sys.executable, "-m", "selfsup.launch.cli"]
 CALIBRATION_STEPS = 12  # the first logged interval includes warm-up; later ones are steady state

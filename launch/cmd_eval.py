@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "evaluate a checkpoint or export: linear probe, kNN, retrieval, anomaly AUROC, plot"
-
 EPILOG = """\
 protocols (all on frozen features; the backbone is never trained here):
   linear     logistic regression on standardised features (L-BFGS); weight decay chosen on a
@@ -75,46 +73,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=8, help="neighbours shown by --query")
 
 
-def _default_out(checkpoint: Path) -> Path:
-    base = checkpoint.parent.parent if checkpoint.suffix == ".pt" else checkpoint
-    return base / "eval"
-
-
-def _shards_from_run(checkpoint: Path, train: str | None, test: str | None) -> tuple[str, str]:
-    """Fill missing shard paths from the run's config (data.train / data.test)."""
-    from selfsup.config import load_config
-    from selfsup.eval.run import EvalError, _run_dir
-
-    if train and test:
-        return train, test
-    run = _run_dir(checkpoint)
-    cfg = load_config(run / "config.yaml") if run is not None else None
-    train = train or (cfg.data.train if cfg else "")
-    test = test or (cfg.data.test if cfg else "")
-    if not train or not test:
-        raise EvalError("--train-shards and --test-shards are required (the checkpoint's config "
-                        "does not name data.train and data.test)")
-    return train, test
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from selfsup.api import shards_for
     from selfsup.eval.query import query
     from selfsup.eval.run import EvalError, EvalOptions, resolve_checkpoint, run_eval
+    from selfsup.pretrain.rundir import EVAL_DIR
 
     try:
-        ckpt = resolve_checkpoint(args.checkpoint)
-        out = Path(args.out) if args.out else _default_out(ckpt)
+        where = resolve_checkpoint(args.checkpoint)
+        out = Path(args.out) if args.out else where.home / EVAL_DIR
         if args.query:
             png = out / f"query-{Path(args.query).stem}.png"
-            rows = query(out / "index", args.query, args.topk, ckpt, png)
+            rows = query(out / "index", args.query, args.topk, where.path, png)
             print(f"{'rank':>4}  {'similarity':>10}  {'class':<20} key")
             for r in rows:
                 print(f"{r['rank']:>4}  {r['similarity']:>10.4f}  {r['class']:<20} {r['key']}")
             print(f"grid: {png}")
             return 0
-        train, test = _shards_from_run(ckpt, args.train_shards, args.test_shards)
+        train, test = shards_for(where, args.train_shards, args.test_shards)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         opts = EvalOptions(
             protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
@@ -123,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             index=args.index, anomaly_classes=args.anomaly_class, plot=args.plot,
             device=device, seed=args.seed, cache=not args.no_cache, resize=args.resize,
         )
-        report = run_eval(ckpt, train, test, out, opts)
+        report = run_eval(where.path, train, test, out, opts)
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"selfsup eval: error: {e}", file=sys.stderr)
         return 1

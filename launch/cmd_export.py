@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "export a run's backbone as safetensors + config + model card"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -26,14 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfsup.pretrain.export import ExportError, export_run
+    from selfsup.pretrain.export import export_run
+    from selfsup.pretrain.rundir import EXPORT_DIR, RunDirError, resolve
 
-    run_path = Path(args.run)
-    run_dir = run_path.parent.parent if run_path.suffix == ".pt" else run_path
-    out = Path(args.out) if args.out else run_dir / "export"
-    try:
-        paths = export_run(run_path, out, onnx=args.onnx)
-    except ExportError as e:
+    try:  # as selfsup.api.export, printing every file written
+        where = resolve(args.run)
+        out = Path(args.out) if args.out else where.home / EXPORT_DIR
+        paths = export_run(where.path, out, onnx=args.onnx)
+    except RunDirError as e:
         print(f"selfsup export: error: {e}", file=sys.stderr)
         return 1
     for kind, path in paths.items():

@@ -50,24 +50,19 @@ def run(args: argparse.Namespace) -> int:
         print("config error: data.train is empty: point it at a shard set (selfsup shards --out DIR)")
         return 2
 
-    from selfsup.pretrain.shard_cache import CacheError, resolve_image_folders
-
-    try:  # a folder of images: written once into cached shards, on rank 0, before any heavy start-up
-        resolve_image_folders(cfg)
-    except CacheError as e:
-        print(f"error: {e}", flush=True)
-        return 1
-
-    from selfsup.pretrain.checkpoint import CheckpointError
-    from selfsup.pretrain.stream import ShardError
-    from selfsup.pretrain.train import TrainingError, train
+    from selfsup.api import pretrain_config
+    from selfsup.pretrain.data.shard_cache import CacheError
+    from selfsup.pretrain.data.stream import ShardError
+    from selfsup.pretrain.rundir import RunDirError
+    from selfsup.pretrain.train import TrainingError
 
     try:
-        train(cfg, resume=args.resume)
+        pretrain_config(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"config error: {e}", flush=True)
         return 2
-    except (ShardError, CheckpointError, TrainingError) as e:
+    except (CacheError, ShardError, RunDirError, TrainingError) as e:
         print(f"error: {e}", flush=True)
         return 1
     return 0
+

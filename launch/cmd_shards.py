@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from selfsup.pretrain.datasets import SOURCES, DatasetError, open_source
-from selfsup.pretrain.folders import LABEL_MODES
-from selfsup.pretrain.import_parallel import (
+from selfsup.pretrain.data.datasets import DatasetError
+from selfsup.pretrain.data.folders import LABEL_MODES
+from selfsup.pretrain.data.import_parallel import (
     BAD_IMAGE_POLICIES,
     SKIPPED,
     ImportPlan,
@@ -16,7 +16,8 @@ from selfsup.pretrain.import_parallel import (
     join_parts,
     parse_part,
 )
-from selfsup.pretrain.shards import DEFAULT_ENCODING, ENCODINGS, ShardOptions, ShardWriteError
+from selfsup.pretrain.data.shards import DEFAULT_ENCODING, ENCODINGS, ShardOptions, ShardWriteError
+from selfsup.pretrain.data.sources import SOURCES, open_source
 
 EXAMPLES = """examples:
   # a folder of photos, flat or nested, no labels (pretraining needs none)
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _verify_or_join(args: argparse.Namespace) -> int:
-    from selfsup.pretrain.stream import ShardError, ShardSet
+    from selfsup.pretrain.data.stream import ShardError, ShardSet
 
     try:
         if args.join:

@@ -13,8 +13,8 @@ import torch
 from selfsup.augment.grid import save_grid, to_unit
 from selfsup.augment.views import build_views
 from selfsup.config import ConfigError, load_config
-from selfsup.pretrain.methods.base import DataInfo
-from selfsup.pretrain.stream import ShardError, ShardSet, ShardStream
+from selfsup.data_info import DataInfo
+from selfsup.pretrain.data.stream import ShardError, ShardSet, ShardStream
 
 EXAMPLES = """examples:
   selfsup views --shards data/fmnist-train --out views.png

@@ -41,12 +41,3 @@ def all_gather_grad(x: Tensor) -> Tensor:
     # the functional collective carries gradients back to each owner (the older
     # torch.distributed.nn.functional.all_gather does too, but is deprecated)
     return _gather_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
-
-
-def all_reduce_mean(x: Tensor) -> Tensor:
-    """Mean of ``x`` over processes, without gradient (for logging)."""
-    if get_world_size() == 1:
-        return x.detach()
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y / get_world_size()

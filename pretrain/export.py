@@ -30,14 +30,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from selfsup import __version__
-from selfsup.config import Config, ConfigError, ModelConfig, from_dict, load_config
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup._version import __version__
+from selfsup.config import Config, ConfigError, ModelConfig, from_dict
+from selfsup.data_info import DataInfo
+from selfsup.pretrain import rundir
+from selfsup.pretrain.interop import loading_snippet, param_naming, timm_spec
+from selfsup.tables import markdown_table
 
 FORMAT = "selfsup-backbone"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "backbone.safetensors"
-CONFIG_FILE = "config.json"
+FORMAT_VERSION = 2  # 2: our architecture under "model"; "architecture" is timm's model name
+READABLE_VERSIONS = (1, 2)
+WEIGHTS_FILE = rundir.EXPORT_WEIGHTS
+CONFIG_FILE = rundir.EXPORT_CONFIG
 CARD_FILE = "README.md"
 ONNX_FILE = "backbone.onnx"
 BACKBONE_PREFIX = "backbone."
@@ -46,7 +50,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ONNX_TOLERANCE = 1e-4  # max |onnx - torch| on unit-scale features; fp32 kernels differ ~1e-6
 
 
-class ExportError(ValueError):
+class ExportError(rundir.RunDirError):
     """A run or export folder cannot be read or written; the message names the file and why."""
 
 
@@ -60,53 +64,6 @@ class RunCheckpoint:
     info: DataInfo
     backbone_state: dict[str, torch.Tensor]
     step: int
-
-
-def read_data_info(path: Path) -> DataInfo:
-    """DataInfo from a JSON object with its fields (``data_info.json`` or a config.json section)."""
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ExportError(f"{path}: missing (it holds channels, image size, mean and std)") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: not readable JSON ({e})") from e
-    return data_info_from_dict(raw, str(path))
-
-
-def data_info_from_dict(raw: Any, source: str) -> DataInfo:
-    names = [f.name for f in dataclasses.fields(DataInfo)]
-    if not isinstance(raw, dict) or any(n not in raw for n in names):
-        raise ExportError(f"{source}: expected an object with keys {', '.join(names)}")
-    try:
-        info = DataInfo(
-            channels=int(raw["channels"]),
-            image_size=int(raw["image_size"]),
-            mean=tuple(float(v) for v in raw["mean"]),
-            std=tuple(float(v) for v in raw["std"]),
-        )
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{source}: bad data info values ({e})") from e
-    if info.channels <= 0 or info.image_size <= 0:
-        raise ExportError(f"{source}: channels and image_size must be > 0, got {raw}")
-    if len(info.mean) != info.channels or len(info.std) != info.channels:
-        raise ExportError(f"{source}: mean/std need one value per channel ({info.channels})")
-    return info
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint file named by ``checkpoints/latest`` (else the highest ``step-*.pt``)."""
-    ckdir = run_dir / "checkpoints"
-    pointer = ckdir / "latest"
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        path = ckdir / name
-        if not name or not path.is_file():
-            raise ExportError(f"{pointer} names '{name}', which is not a file in {ckdir}")
-        return path
-    found = sorted(ckdir.glob("step-*.pt"))
-    if not found:
-        raise ExportError(f"{run_dir}: no checkpoint (no {pointer} and no {ckdir}/step-*.pt)")
-    return found[-1]
 
 
 def backbone_state_dict(model_state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -127,33 +84,28 @@ def backbone_state_dict(model_state: dict[str, Any], source: str) -> dict[str, t
     return out
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
-        raise ExportError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ExportError(f"{path}: not a selfsup checkpoint (expected a dict with 'model')")
-    return ckpt
-
-
 def read_run(path: str | Path) -> RunCheckpoint:
     """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``)."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".pt":
-        run_dir, ckpt_path = path.parent.parent, path
-    elif path.is_dir():
-        run_dir, ckpt_path = path, latest_checkpoint(path)
-    else:
-        raise ExportError(f"{path}: no such run directory or checkpoint file")
     try:
-        cfg = load_config(run_dir / "config.yaml")
-    except ConfigError as e:
-        raise ExportError(f"{run_dir / 'config.yaml'}: {e}") from e
-    info = read_data_info(run_dir / "data_info.json")
-    ckpt = _torch_load(ckpt_path)
-    state = backbone_state_dict(ckpt["model"], str(ckpt_path))
-    return RunCheckpoint(run_dir, ckpt_path, cfg, info, state, int(ckpt.get("step", 0)))
+        where = rundir.resolve(path)
+        if where.kind == "export":
+            raise ExportError(f"{path}: an export folder, not a run directory or checkpoint")
+        cfg = rundir.read_config(where.run_dir)
+        info = rundir.read_data_info(where.run_dir)
+        ckpt = rundir.load_checkpoint(where.checkpoint)
+    except ExportError:
+        raise
+    except rundir.RunDirError as e:
+        raise ExportError(str(e)) from e
+    state = backbone_state_dict(ckpt["model"], str(where.checkpoint))
+    return RunCheckpoint(where.run_dir, where.checkpoint, cfg, info, state, int(ckpt.get("step", 0)))
+
+
+def _data_info_from_dict(raw: Any, source: str) -> DataInfo:
+    try:
+        return rundir.data_info_from_dict(raw, source)
+    except rundir.RunDirError as e:
+        raise ExportError(str(e)) from e
 
 
 def _describe(model_cfg: ModelConfig, info: DataInfo) -> str:
@@ -169,7 +121,9 @@ def build_and_load(
     Mismatches are reported as names and shapes (not torch's long dump), so a wrong config or a
     file from another architecture is obvious.
     """
-    from selfsup.pretrain.backbones import build_backbone  # heavy; only when a model is built
+    from selfsup.pretrain.models.backbones import (
+        build_backbone,  # heavy; only when a model is built
+    )
 
     try:
         backbone = build_backbone(model_cfg, info.channels, info.image_size)
@@ -198,7 +152,7 @@ def build_and_load(
     return backbone
 
 
-def _read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str, Any]]:
+def read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str, Any]]:
     path = out_dir / CONFIG_FILE
     try:
         meta = json.loads(path.read_text())
@@ -208,15 +162,17 @@ def _read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str,
         raise ExportError(f"{path}: not readable JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportError(f"{path}: not a {FORMAT} config (missing \"format\": \"{FORMAT}\")")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise ExportError(
-            f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
+            f"{path}: format_version {version} is not one of {READABLE_VERSIONS}"
         )
+    key = "architecture" if version == 1 else "model"
     try:
-        model_cfg = from_dict(ModelConfig, meta.get("architecture") or {}, "architecture")
+        model_cfg = from_dict(ModelConfig, meta.get(key) or {}, key)
     except ConfigError as e:
         raise ExportError(f"{path}: {e}") from e
-    info = data_info_from_dict(
+    info = _data_info_from_dict(
         {
             "channels": meta.get("channels"),
             "image_size": meta.get("image_size"),
@@ -238,7 +194,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if path.is_dir() and (path / WEIGHTS_FILE).exists():
-        model_cfg, info, _ = _read_export_config(path)
+        model_cfg, info, _ = read_export_config(path)
         weights = path / WEIGHTS_FILE
         try:
             state = load_file(str(weights))
@@ -249,23 +205,6 @@ def load_backbone(path: str | Path) -> nn.Module:
         raise ExportError(f"{path}: export folder without {WEIGHTS_FILE}")
     run = read_run(path)
     return build_and_load(run.cfg.model, run.info, run.backbone_state, str(run.checkpoint))
-
-
-def param_naming(model_cfg: ModelConfig) -> str:
-    """Which reference library's names the weights follow, and the matching constructor if any."""
-    name = model_cfg.backbone
-    timm = ("vit_tiny", "vit_small", "vit_base")
-    torchvision = ("resnet18", "resnet34", "resnet50")
-    if name in timm:
-        return (
-            f"timm VisionTransformer (timm.create_model('{name}_patch"
-            f"{model_cfg.patch_size}_224', num_classes=0, img_size=..., in_chans=...))"
-        )
-    if name.startswith("vit"):
-        return "timm VisionTransformer naming (no timm preset of this size)"
-    if name in torchvision and model_cfg.stem == "imagenet" and model_cfg.width == 1.0:
-        return f"torchvision.models.{name}() (in_chans may differ from 3: see conv1.weight)"
-    return "torchvision ResNet naming (conv1, bn1, layerN.M..., no fc; no torchvision preset)"
 
 
 def export_onnx(backbone: nn.Module, info: DataInfo, path: Path, batch: int = 4) -> float:
@@ -306,7 +245,7 @@ def export_onnx(backbone: nn.Module, info: DataInfo, path: Path, batch: int = 4)
 
 def _eval_section(run_dir: Path) -> str:
     """The run's evaluation table (metrics x pretrained/baselines) from ``eval/report.json``."""
-    report_path = run_dir / "eval" / "report.json"
+    report_path = run_dir / rundir.EVAL_DIR / "report.json"
     if not report_path.is_file():
         return "No evaluation report was found in the run directory (`selfsup eval` writes one).\n"
     try:
@@ -315,15 +254,13 @@ def _eval_section(run_dir: Path) -> str:
         return f"The evaluation report could not be read ({e}).\n"
     if not isinstance(models, dict) or not models:
         return "The evaluation report has no results table.\n"
-    from selfsup.eval.report import markdown_table
-
     return f"From `eval/report.json` of the run:\n\n{markdown_table(models)}\n"
 
 
 def model_card(run: RunCheckpoint, meta: dict[str, Any]) -> str:
     """The README.md of an export: what it is, how it was trained, how well, how to load it."""
     cfg, info = run.cfg, run.info
-    arch = ", ".join(f"{k}={v}" for k, v in meta["architecture"].items())
+    arch = ", ".join(f"{k}={v}" for k, v in meta["model"].items())
     return f"""# {cfg.model.backbone} pretrained with {cfg.method.name.upper()} (selfsup {__version__})
 
 Backbone only (no projection head, no classifier): it maps an image to a
@@ -352,11 +289,7 @@ model = selfsup.load_backbone("path/to/this/folder")   # eval mode, model.data_i
 ```
 or, without selfsup:
 ```python
-from safetensors.torch import load_file
-state = load_file("{WEIGHTS_FILE}")
-# model = <the reference architecture above, built with the same channels/stem>
-# model.load_state_dict(state, strict=False)   # only the classifier head is missing
-```
+{loading_snippet(cfg.model, info, WEIGHTS_FILE)}```
 
 ## Files
 - `{WEIGHTS_FILE}`: weights (safetensors, no pickle)
@@ -380,8 +313,8 @@ def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) ->
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "selfsup_version": __version__,
-        "architecture": dataclasses.asdict(run.cfg.model),
-        "param_naming": param_naming(run.cfg.model),
+        "model": dataclasses.asdict(run.cfg.model),
+        "param_naming": param_naming(run.cfg.model, run.info),
         "feature_dim": int(backbone.feature_dim),
         "channels": run.info.channels,
         "image_size": run.info.image_size,
@@ -390,6 +323,8 @@ def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) ->
         "method": run.cfg.method.name,
         "step": run.step,
         "source_checkpoint": str(run.checkpoint),
+        # timm's fields (architecture, model_args, pretrained_cfg): timm.create_model('local-dir:...')
+        **(timm_spec(run.cfg.model, run.info) or {}),
     }
     paths = {"weights": out / WEIGHTS_FILE, "config": out / CONFIG_FILE, "card": out / CARD_FILE}
     save_file(state, str(paths["weights"]), metadata={"format": "pt", "selfsup": FORMAT})

@@ -10,14 +10,37 @@ training (You et al. 2017; SimCLR excludes them the same way).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from selfsup.config import OptimConfig
+OPTIMIZERS = ("lars", "adamw", "sgd")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | adamw | sgd
+    base_lr: float = 0.3  # learning rate = base_lr * global_batch / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # lars / sgd
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    lars_eta: float = 0.001  # LARS trust coefficient
+    warmup: float = 0.05  # fraction of all optimiser steps spent in linear warmup
+    min_lr_ratio: float = 0.0  # cosine ends at base lr * this
+
+    def check(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name: '{self.name}' is not one of {', '.join(OPTIMIZERS)}")
+        if self.base_lr < 0 or self.weight_decay < 0:
+            raise ValueError("optim.base_lr and optim.weight_decay must be >= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"optim.momentum: must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"optim.warmup: a fraction in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio: a fraction in [0, 1], got {self.min_lr_ratio}")
 
 
 class LARS(torch.optim.Optimizer):
@@ -74,10 +97,13 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(parameters with weight decay, parameters without), trainable ones only."""
-    skip_fn = getattr(model, "no_weight_decay", None)
-    skip = set(skip_fn()) if callable(skip_fn) else set()
+def split_decay(
+    model: nn.Module, no_decay_names: Iterable[str] = ()
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters with weight decay, parameters without), trainable ones only. Parameters with
+    at most one dimension, and those named (fully or by last component) in ``no_decay_names``
+    (a method's ``no_weight_decay()``), get none."""
+    skip = set(no_decay_names)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -93,10 +119,12 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def build_optimizer(optim_cfg: OptimConfig, model: nn.Module, global_batch: int):
+def build_optimizer(
+    optim_cfg: OptimConfig, model: nn.Module, global_batch: int, no_decay_names: Iterable[str] = ()
+):
     """``optim_cfg.name`` (lars | adamw | sgd) over ``model``'s parameters, lr linearly scaled."""
     lr = scaled_lr(optim_cfg.base_lr, global_batch)
-    decay, no_decay = split_decay(model)
+    decay, no_decay = split_decay(model, no_decay_names)
     wd = optim_cfg.weight_decay
     groups = [
         {"params": decay, "weight_decay": wd},
@@ -114,7 +142,7 @@ def build_optimizer(optim_cfg: OptimConfig, model: nn.Module, global_batch: int)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum)
-    raise ValueError(f"optim.name: unknown optimiser '{name}' (known: lars, adamw, sgd)")
+    raise ValueError(f"optim.name: unknown optimiser '{name}' (known: {', '.join(OPTIMIZERS)})")
 
 
 @dataclass

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfsup.pretrain.hooks import HookContext, TrainHook
+from selfsup.pretrain.rundir import RECONSTRUCTIONS_FILE
+
 ROWS = ("input", "corrupted", "reconstruction")
 MIN_CELL_PX = 96  # enlarge each image to at least this side
 GAP_PX = 2
@@ -71,3 +74,22 @@ def save_reconstruction_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid_array([out[k] for k in ROWS])).save(path)
     return path
+
+
+class ReconstructionGrid(TrainHook):
+    """At the end of a run of a method that reconstructs: ``reconstructions.png`` in the run
+    directory (the first ``n`` training images, un-augmented), also logged as a W&B image."""
+
+    def __init__(self, shards: str, n: int = 8) -> None:
+        self.shards = shards
+        self.n = n
+
+    def on_end(self, ctx: HookContext) -> None:
+        if not (ctx.is_main and ctx.method.reconstructs):
+            return
+        from selfsup.pretrain.data.stream import ShardSet, ShardStream
+
+        stream = ShardStream(ShardSet.open(self.shards), self.n, shuffle=False, drop_last=False)
+        images = next(iter(stream))["images"].to(ctx.device)
+        path = save_reconstruction_grid(ctx.method, images, ctx.run_dir / RECONSTRUCTIONS_FILE, self.n)
+        ctx.log.image("reconstructions", path, ctx.step)

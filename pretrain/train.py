@@ -6,6 +6,13 @@ Accelerate. Each optimiser step consumes ``data.batch_size`` images in total: ev
 (SimCLR, MAE, DAE, ...) receives a uint8 batch on the device and returns ``(loss, logs)``; the
 loop knows nothing else about it.
 
+The loop calls only the method contract (``pretrain/methods/base.py``) and the hooks the
+command hands in (``pretrain/hooks.py``); it imports nothing from eval.
+
+Non-finite values: every micro-batch's loss and the step's gradient norm are checked on the
+device, and the step's single host sync (the cross-rank agreement on "finite?" and "stop?")
+decides; a bad step updates nothing (weights, optimiser, BatchNorm statistics all stay as before).
+
 Stopping and resuming: SIGUSR1/SIGTERM (what SLURM sends before preemption or the time limit)
 set a flag; at the end of the current step every rank agrees to stop, a checkpoint is written,
 and the process exits with code 0. ``resume="auto"`` continues from ``checkpoints/latest`` with
@@ -15,11 +22,10 @@ on CPU a resumed run ends bitwise equal to an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
@@ -28,20 +34,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
-from selfsup.config import Config, ConfigError, save_config
-from selfsup.pretrain.checkpoint import (
+from selfsup.config import Config, ConfigError
+from selfsup.pretrain.build import build_method, data_info
+from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
+from selfsup.pretrain.hooks import HookContext, TrainHook
+from selfsup.pretrain.methods import StepContext
+from selfsup.pretrain.optim import build_optimizer, build_scheduler
+from selfsup.pretrain.rundir import (
     CheckpointError,
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_run_files,
 )
-from selfsup.pretrain.methods import build_method
-from selfsup.pretrain.methods.base import DataInfo
-from selfsup.pretrain.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.runlog import RunLog
-from selfsup.pretrain.stream import ShardLoader, ShardSet, ShardStream
 
 
 class TrainingError(RuntimeError):
@@ -70,18 +79,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision, kwargs_handlers=[timeout])
 
 
-def data_info(cfg: Config, shards: ShardSet) -> DataInfo:
-    mean = cfg.augment.mean or shards.mean
-    std = cfg.augment.std or shards.std
-    for key, v in (("augment.mean", mean), ("augment.std", std)):
-        if len(v) != shards.channels:
-            raise ConfigError(f"{key} has {len(v)} values but the shards have {shards.channels} channels")
-    return DataInfo(shards.channels, shards.image_size, tuple(mean), tuple(std))
-
-
-def train(cfg: Config, resume: str | None = None) -> Path:
+def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = ()) -> Path:
     """Pretrain per ``cfg``; ``resume`` is None (fresh; refuses a run dir that has checkpoints),
-    ``"auto"`` (latest checkpoint if any) or a checkpoint path. Returns the run directory."""
+    ``"auto"`` (latest checkpoint if any) or a checkpoint path. ``hooks`` are called after each
+    epoch and at the end (``pretrain/hooks.py``). Returns the run directory."""
     stop = StopFlag()  # first: a signal during start-up must not kill the process
     accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -102,7 +103,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             f"database, but {cfg.data.train} is unlabelled: set eval.every_epochs=0 and evaluate "
             "afterwards with selfsup eval on labelled shards"
         )
-    info = data_info(cfg, shards)
+    info = data_info(cfg, shards.channels, shards.image_size, shards.mean, shards.std)
     stream = ShardStream(
         shards, cfg.data.batch_size // micro_div, rank, world, cfg.data.workers, seed=tc.seed,
         shuffle_buffer=cfg.data.shuffle_buffer, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
@@ -118,23 +119,20 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     # ---- model, optimiser, schedule
     set_seed(tc.seed)  # same initial weights on every rank
-    try:
-        model = build_method(cfg, info)
-    except ValueError as e:  # methods validate their parameters at construction
-        raise ConfigError(str(e)) from e
+    model = build_method(cfg, info)  # a ValueError while building is a ConfigError
     if tc.sync_bn and accelerator.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
     if tc.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size)
+    optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, model.no_weight_decay())
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     method = accelerator.unwrap_model(model)
 
     # ---- resume or start
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = checkpoint_dir(run_dir)
     step = epoch = batch_in_epoch = 0
     wandb_id = None
     found = _find_resume(ckpt_dir, resume)
@@ -153,10 +151,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     else:
         set_seed(tc.seed + rank, device_specific=False)  # different augmentations per rank
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "data_info.json").write_text(json.dumps(asdict(info), indent=1))
+        write_run_files(run_dir, cfg, info)
     log = RunLog(run_dir, cfg, main, total_steps, step, wandb_id)
+    step_ctx = StepContext(forward=model, backward=accelerator.backward,
+                           no_sync=lambda: accelerator.no_sync(model))  # fmt: skip
+
+    def hook_context() -> HookContext:
+        return HookContext(method, step, epoch, total_steps, accelerator.device, main, run_dir, log)
 
     def checkpoint(reason: str) -> Path | None:
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
@@ -182,6 +183,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     t_last = time.perf_counter()
     wait = busy = 0.0
     images_seen = 0
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
     while step < total_steps:
         loader.set_epoch(epoch, batch_in_epoch * tc.accumulate)
         remaining = (steps_per_epoch - batch_in_epoch) * tc.accumulate  # whole steps only
@@ -195,67 +197,77 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             last_micro = micro == tc.accumulate
             if micro == 1:  # BatchNorm statistics before this step, to undo a non-finite forward
                 buffers = [b.detach().clone() for b in method.buffers()]
-            if getattr(method, "owns_backward", False):
-                loss, logs = method.train_step(images, model, accelerator)
+                bad_loss = torch.zeros((), device=accelerator.device)
+            if method.owns_backward:
+                with nullcontext() if last_micro else accelerator.no_sync(model):
+                    loss, logs = method.train_step(images, step_ctx)
             else:
                 with nullcontext() if last_micro else accelerator.no_sync(model):
                     loss, logs = model(images)
                     accelerator.backward(loss / tc.accumulate)
+            bad_loss += (~torch.isfinite(loss.detach())).float()  # every micro-batch, on the device
             images_seen += images.shape[0] * world
             if not last_micro:
                 t_fetch = time.perf_counter()
                 continue
             micro = 0
 
-            # every rank agrees on: is the loss finite everywhere, did anyone get a stop signal
-            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(stop.signal is not None)])
-            flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu() if world > 1 else flags
-            finite = flags[0] == 0
-            if not finite:
+            grad_norm_t = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            bad_grad = (~torch.isfinite(grad_norm_t)).float().to(bad_loss.device)
+            signalled = torch.tensor(float(stop.signal is not None), device=bad_loss.device)
+            # the step's one host sync: is everything finite on every rank, did anyone get a signal
+            flags = torch.stack([bad_loss, bad_grad, signalled])
+            flags = (accelerator.reduce(flags, "sum") if world > 1 else flags).cpu()
+            finite = flags[0] == 0 and flags[1] == 0
+            if finite:
+                optimizer.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     for b, saved in zip(method.buffers(), buffers, strict=True):
                         b.copy_(saved)
-            if finite:
-                max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                optimizer.step()
-            elif tc.nan_policy == "stop":
-                optimizer.zero_grad(set_to_none=True)
-                path = checkpoint("non-finite loss")
-                raise TrainingError(
-                    f"non-finite loss at step {step} (epoch {epoch}, batch {batch_in_epoch}) on at least one "
-                    f"rank; stopped before updating. Checkpoint of the state before this step: {path or ckpt_dir}. "
-                    f"Lower optim.base_lr, set train.grad_clip, or use train.nan_policy=skip."
-                )
-            else:
+                if tc.nan_policy == "stop":
+                    what = "loss" if flags[0] > 0 else "gradient norm"
+                    path = checkpoint(f"non-finite {what}")
+                    raise TrainingError(
+                        f"non-finite {what} at step {step} (epoch {epoch}, batch "
+                        f"{batch_in_epoch}) on at least one rank; stopped before updating. Checkpoint "
+                        f"of the state before this step: {path or ckpt_dir}. Lower optim.base_lr, set "
+                        f"train.grad_clip, or use train.nan_policy=skip."
+                    )
                 nan_skips += 1
-                grad_norm = float("nan")
                 if nan_skips > tc.max_nan_skips:
                     raise TrainingError(f"{nan_skips} steps with non-finite loss (> train.max_nan_skips)")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             batch_in_epoch += 1
+            if finite:
+                method.after_step(step, total_steps)
             now = time.perf_counter()
             busy += now - t_got
             log.advance()
 
             if step % tc.log_every == 0 or step == total_steps:
                 # the method's numbers are per process: average them over all processes
-                names = sorted({**logs, "loss": 0.0})
-                values = torch.tensor([float(loss.detach()) if k == "loss" else float(logs[k]) for k in names])
+                names = sorted({**logs, "loss": None})
+                values = torch.stack([
+                    torch.as_tensor(loss if k == "loss" else logs[k], device=accelerator.device)
+                    .detach().float().reshape(()) for k in names
+                ])  # fmt: skip
                 if world > 1:
-                    values = accelerator.reduce(values.to(accelerator.device), "mean").cpu()
-                row = dict(zip(names, values.tolist(), strict=True))
+                    values = accelerator.reduce(values, "mean")
+                row = dict(zip(names, values.cpu().tolist(), strict=True))
                 row.update(
                     lr=scheduler.get_last_lr()[0], epoch=epoch,
                     img_per_s=images_seen / max(now - t_last, 1e-9), data_wait=wait / max(wait + busy, 1e-9),
-                    grad_norm=grad_norm, corrupt=loader.corrupt, padded=loader.padded, nan_skips=nan_skips,
+                    grad_norm=float(grad_norm_t) if finite else float("nan"),
+                    corrupt=loader.corrupt, padded=loader.padded, nan_skips=nan_skips,
                 )  # fmt: skip
                 log.log(step, row)
                 t_last, wait, busy, images_seen = now, 0.0, 0.0, 0
 
-            if flags[1] > 0:
+            if flags[2] > 0:
                 path = checkpoint(f"signal {stop.signal or 'on another rank'}")
                 accelerator.print(f"stopping on signal at step {step}; checkpoint {path or ckpt_dir}")
                 log.close()
@@ -268,14 +280,15 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         if batch_in_epoch == steps_per_epoch:
             epoch += 1
             batch_in_epoch = 0
-            if cfg.eval.every_epochs and cfg.data.test and epoch % cfg.eval.every_epochs == 0:
-                _periodic_knn(cfg, method, info, log, step, main)
+            for hook in hooks:
+                hook.on_epoch_end(hook_context())
+            if hooks:
                 accelerator.wait_for_everyone()
 
     path = checkpoint("end")
-    if main:
-        _finish(cfg, method, shards, accelerator.device, run_dir, log, step)
-        accelerator.print(f"done: {step} steps; checkpoint {path}")
+    for hook in hooks:
+        hook.on_end(hook_context())
+    accelerator.print(f"done: {step} steps; checkpoint {path or ckpt_dir}")
     log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -302,32 +315,3 @@ def _check_compatible(state: dict, world: int, cfg: Config) -> None:
     if diff:
         desc = ", ".join(f"{k}: checkpoint {a}, now {b}" for k, (a, b) in diff.items())
         raise TrainingError(f"cannot resume exactly with a different setup ({desc})")
-
-
-@torch.no_grad()
-def _periodic_knn(cfg: Config, method: torch.nn.Module, info: DataInfo, log: RunLog, step: int, main: bool) -> None:
-    """kNN accuracy of the current backbone on the test shards (rank 0; others wait)."""
-    if not main:
-        return
-    from selfsup.eval.features import extract_features
-    from selfsup.eval.knn import knn_classify
-    from selfsup.pretrain.stream import load_arrays
-
-    train_x, train_y, _ = load_arrays(ShardSet.open(cfg.data.train))
-    test_x, test_y, _ = load_arrays(ShardSet.open(cfg.data.test))
-    kw = {"mean": info.mean, "std": info.std, "batch_size": cfg.eval.batch_size}
-    f_train = extract_features(method.backbone, train_x, **kw)
-    f_test = extract_features(method.backbone, test_x, **kw)
-    res = knn_classify(f_train, train_y, f_test, test_y, k=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
-    log.log(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
-
-
-def _finish(cfg: Config, method, shards: ShardSet, device, run_dir: Path, log: RunLog, step: int) -> None:
-    """End-of-run artefacts: a reconstruction grid for methods that reconstruct."""
-    if not hasattr(method, "reconstruct"):
-        return
-    from selfsup.pretrain.recon import save_reconstruction_grid
-
-    images = next(iter(ShardStream(shards, 8, shuffle=False, drop_last=False)))["images"].to(device)
-    path = save_reconstruction_grid(method, images, run_dir / "reconstructions.png")
-    log.image("reconstructions", path, step)

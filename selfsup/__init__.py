@@ -1,15 +1,22 @@
 """selfsup: distributed self-supervised pretraining for images.
 
-``selfsup.load_backbone(path)`` is the one-call loader for an export folder or a run directory;
-it is imported on first use so that ``import selfsup`` (and the CLI's start-up) stays light.
+The Python API (selfsup/api.py), imported on first use so that ``import selfsup`` (and the CLI's
+start-up) stays light:
+
+- ``selfsup.pretrain(config, **overrides) -> run_dir`` (``train__max_steps=10`` is ``train.max_steps=10``)
+- ``selfsup.evaluate(run_or_export, **options) -> report``
+- ``selfsup.export(run, out=None) -> export folder``
+- ``selfsup.load_backbone(path) -> backbone`` for an export folder, a run directory or a checkpoint
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-__all__ = ["__version__", "load_backbone"]
+from selfsup._version import __version__
+
+__all__ = ["__version__", "evaluate", "export", "load_backbone", "pretrain"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +24,10 @@ def __getattr__(name: str) -> Any:
         from selfsup.pretrain.export import load_backbone
 
         return load_backbone
+    if name in ("evaluate", "export"):
+        from selfsup import api
+
+        return getattr(api, name)
+    if name == "pretrain":  # the subpackage, which is callable as selfsup.api.pretrain
+        return importlib.import_module("selfsup.pretrain")
     raise AttributeError(f"module 'selfsup' has no attribute '{name}'")

@@ -2,7 +2,11 @@
 
 A recipe under ``configs/`` is loaded into the ``Config`` dataclass tree. Every key must exist in
 the tree and every value must have the declared type, otherwise ``ConfigError`` names the dotted
-key. ``validate`` then rejects impossible combinations (unknown method, bad precision, ...).
+key. Each section then checks its own fields (its ``check()``; the sections live beside the code
+they configure: ``augment`` in augment/views.py, ``model`` in pretrain/models/backbones.py,
+``optim`` in pretrain/optim.py, each ``method.<name>`` in its method's file), and ``validate``
+adds the checks that span sections (a method's backbone needs, GradCache vs accumulation). Name
+lists come from the registries that own them, so a new method or backbone needs no edit here.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from typing import Any
 import yaml
 
 from selfsup.augment.views import AugmentConfig
-from selfsup.pretrain.methods.dae import DAEConfig
-from selfsup.pretrain.methods.mae import MAEConfig
-from selfsup.pretrain.methods.simclr import SimCLRConfig
+from selfsup.pretrain.data.import_parallel import BAD_IMAGE_POLICIES
+from selfsup.pretrain.methods import METHODS
+from selfsup.pretrain.models.backbones import ModelConfig, backbone_kind
+from selfsup.pretrain.optim import OptimConfig
+
+__all__ = ["AugmentConfig", "Config", "ConfigError", "MethodConfig", "ModelConfig", "OptimConfig",
+           "load_config", "save_config", "to_dict", "from_dict", "parse_overrides"]  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -44,6 +52,22 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NAN_POLICIES = ("stop", "skip")
+WANDB_MODES = ("online", "offline", "off")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(section: str, obj: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(obj, key) <= 0:
+            raise ValueError(f"{section}.{key}: must be > 0, got {getattr(obj, key)}")
+
+
 @dataclass
 class DataConfig:
     train: str = ""  # shard set (folder with manifest.json, or URL of the manifest's folder)
@@ -57,33 +81,69 @@ class DataConfig:
     folder_size: int = 0
     on_bad_image: str = "error"
 
+    def check(self) -> None:
+        _positive("data", self, "batch_size")
+        if self.workers < 0:
+            raise ValueError(f"data.workers: must be >= 0, got {self.workers}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            raise ValueError("data.max_corrupt_fraction: a fraction in [0, 1]")
+        if self.folder_size < 0:
+            raise ValueError(f"data.folder_size: must be >= 0 (0: augment.size, else 64), got {self.folder_size}")
+        _one_of("data.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
 
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet_small"  # resnet_small | resnet18 | resnet34 | resnet50 | vit_micro | vit_tiny | vit_small | vit_base
-    stem: str = "cifar"  # imagenet (7x7/2 + maxpool) | cifar (3x3/1) | cifar_s2 (3x3/2)
-    width: float = 1.0  # channel width multiplier (ResNets)
-    patch_size: int = 4  # ViT patch side in pixels
 
-
-@dataclass
 class MethodConfig:
-    name: str = "simclr"  # simclr | mae | dae
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    dae: DAEConfig = field(default_factory=DAEConfig)
+    """``method.name`` plus one sub-section per registered method (``method.<name>.*``).
 
+    The sub-sections come from the method registry, so a method registered in a plugin or a test
+    gets its section without an edit here. ``cfg.method.simclr`` is the SimCLR section;
+    ``cfg.method.selected`` the one ``method.name`` picks.
+    """
 
-@dataclass
-class OptimConfig:
-    name: str = "lars"  # lars | adamw | sgd
-    base_lr: float = 0.3  # learning rate = base_lr * global_batch / 256
-    weight_decay: float = 1e-6
-    momentum: float = 0.9  # lars / sgd
-    betas: tuple[float, float] = (0.9, 0.95)  # adamw
-    lars_eta: float = 0.001  # LARS trust coefficient
-    warmup: float = 0.05  # fraction of all optimiser steps spent in linear warmup
-    min_lr_ratio: float = 0.0  # cosine ends at base lr * this
+    def __init__(self, name: str = "simclr", **sections: Any) -> None:
+        self.name = name
+        self.sections: dict[str, Any] = {n: e.config() for n, e in METHODS.items()}
+        self.sections.update(sections)
+
+    def __getattr__(self, key: str) -> Any:  # only reached when normal lookup fails
+        sections = self.__dict__.get("sections", {})
+        if key in sections:
+            return sections[key]
+        raise AttributeError(f"method config has no section '{key}' (known: {', '.join(sections)})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MethodConfig) and (self.name, self.sections) == (other.name, other.sections)
+
+    def __repr__(self) -> str:
+        return f"MethodConfig(name={self.name!r}, {self.selected!r})"
+
+    @property
+    def selected(self) -> Any:
+        return self.sections[self.name]
+
+    def check(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"method.name: '{self.name}' is not one of {', '.join(sorted(METHODS))}")
+        for sub in self.sections.values():
+            check = getattr(sub, "check", None)
+            if callable(check):
+                check()
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any], prefix: str) -> MethodConfig:
+        known = ["name", *METHODS]
+        sections = {}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key '{prefix}.{key}' (known here: {', '.join(known)})")
+            if key != "name":
+                sections[key] = _coerce(value, METHODS[key].config, f"{prefix}.{key}")
+        return cls(_coerce(data.get("name", "simclr"), str, f"{prefix}.name"), **sections)
+
+    def to_config_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: _plain(v) for k, v in self.sections.items()}}
 
 
 @dataclass
@@ -103,6 +163,18 @@ class TrainConfig:
     max_nan_skips: int = 10  # with nan_policy=skip, give up after this many skipped steps
     dist_timeout_s: int = 300  # a collective waiting longer than this fails instead of hanging
 
+    def check(self) -> None:
+        _one_of("train.precision", self.precision, PRECISIONS)
+        _one_of("train.nan_policy", self.nan_policy, NAN_POLICIES)
+        _positive("train", self, "accumulate", "log_every", "dist_timeout_s")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("train.epochs and train.max_steps are both 0: nothing to train")
+        for key in ("max_steps", "checkpoint_every", "keep_checkpoints", "max_nan_skips"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip: must be >= 0 (0 = no clipping), got {self.grad_clip}")
+
 
 @dataclass
 class LogConfig:
@@ -113,6 +185,9 @@ class LogConfig:
     tags: list[str] = field(default_factory=list)
     progress: bool = True  # progress bar on rank 0
 
+    def check(self) -> None:
+        _one_of("log.wandb", self.wandb, WANDB_MODES)
+
 
 @dataclass
 class EvalConfig:
@@ -120,6 +195,13 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [20, 200])
     knn_temperature: float = 0.07
     batch_size: int = 512
+
+    def check(self) -> None:
+        _positive("eval", self, "batch_size", "knn_temperature")
+        if self.every_epochs < 0:
+            raise ValueError(f"eval.every_epochs: must be >= 0, got {self.every_epochs}")
+        if not self.knn_k or min(self.knn_k) < 1:
+            raise ValueError(f"eval.knn_k: a non-empty list of k >= 1, got {self.knn_k}")
 
 
 @dataclass
@@ -135,23 +217,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.stem": ("imagenet", "cifar", "cifar_s2"),
-    "method.name": ("simclr", "mae", "dae"),
-    "optim.name": ("lars", "adamw", "sgd"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.nan_policy": ("stop", "skip"),
-    "data.on_bad_image": ("error", "skip"),
-    "log.wandb": ("online", "offline", "off"),
-    "augment.recipe": ("simclr", "byol", "mae", "none"),
-    "method.dae.loss": ("mse", "l1", "huber"),
-    "method.dae.corrupt.kind": ("none", "gaussian", "mask", "saltpepper"),
-}
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    if hasattr(tp, "from_config_dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return tp.from_config_dict(value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -222,19 +294,21 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _plain(v: Any) -> Any:
+    if hasattr(v, "to_config_dict"):
+        return v.to_config_dict()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(dataclasses.asdict(cfg))
+    return _plain(cfg)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -268,48 +342,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _lookup(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def validate(cfg: Config) -> Config:
-    """Reject impossible combinations with a message naming the key."""
-    for key, allowed in CHOICES.items():
-        value = _lookup(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    positive = {
-        "data.batch_size": cfg.data.batch_size,
-        "train.accumulate": cfg.train.accumulate,
-        "train.log_every": cfg.train.log_every,
-        "eval.batch_size": cfg.eval.batch_size,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
-        raise ConfigError("train.epochs and train.max_steps are both 0: nothing to train")
-    if not 0.0 <= cfg.optim.warmup < 1.0:
-        raise ConfigError(f"optim.warmup: a fraction in [0, 1), got {cfg.optim.warmup}")
-    if cfg.data.workers < 0:
-        raise ConfigError(f"data.workers: must be >= 0, got {cfg.data.workers}")
-    if cfg.data.folder_size < 0:
-        raise ConfigError(f"data.folder_size: must be >= 0 (0: augment.size, else 64), got {cfg.data.folder_size}")
-    if not 0.0 <= cfg.data.max_corrupt_fraction <= 1.0:
-        raise ConfigError("data.max_corrupt_fraction: a fraction in [0, 1]")
-    if cfg.method.name == "mae" and not cfg.model.backbone.startswith("vit"):
-        raise ConfigError(
-            f"method.name=mae needs a ViT backbone (model.backbone=vit_tiny|vit_small|vit_base), "
-            f"got model.backbone={cfg.model.backbone}"
-        )
+    """Every section's own checks, then the combinations that span sections; errors name the key."""
+    try:
+        for f in dataclasses.fields(cfg):
+            check = getattr(getattr(cfg, f.name), "check", None)
+            if callable(check):
+                check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    need = METHODS[cfg.method.name].backbone
+    have = backbone_kind(cfg.model.backbone)
+    if need != "any" and need != have:
+        kind = "a ViT backbone (model.backbone=vit_tiny|vit_small|vit_base)" if need == "vit" else (
+            "a ResNet backbone (its decoder is convolutional)")
+        raise ConfigError(f"method.name={cfg.method.name} needs {kind}, got model.backbone={cfg.model.backbone}")
     if cfg.method.simclr.grad_cache_chunk > 0 and cfg.train.accumulate > 1:
         raise ConfigError(
             "method.simclr.grad_cache_chunk > 0 replaces gradient accumulation: set train.accumulate=1"
         )
-    if cfg.method.name == "dae" and cfg.model.backbone.startswith("vit"):
-        raise ConfigError("method.name=dae needs a ResNet backbone (its decoder is convolutional)")
     return cfg
 
 
@@ -326,8 +377,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
-    return validate(from_dict(Config, data))
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """A checked Config from a nested mapping (a recipe's content) plus overrides."""
+    return validate(from_dict(Config, _merge(data, parse_overrides(list(overrides or [])))))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

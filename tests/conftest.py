@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.pretrain.datasets import ArraySource, embedded
-from selfsup.pretrain.shards import ShardOptions, write_shards
+from selfsup.pretrain.data.datasets import ArraySource, embedded
+from selfsup.pretrain.data.shards import ShardOptions, write_shards
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

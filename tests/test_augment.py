@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from selfsup.augment.views import AugmentConfig, Views, build_views, normalize, shift_hue
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup.data_info import DataInfo
 
 # mean 0 / std 1: outputs are the [0, 1] pixels, so tests can read them directly.
 IDENTITY = {"mean": [0.0], "std": [1.0]}

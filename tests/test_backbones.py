@@ -2,7 +2,7 @@
 
 torchvision is not installed, so the expected state dict of ``torchvision.models.resnetXX()`` is
 written out here from its architecture (layer counts, v1.5 bottleneck), independently of
-pretrain/backbones.py, and cross-checked against torchvision's published parameter counts.
+pretrain/models/backbones.py, and cross-checked against torchvision's published parameter counts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from reference_archs import torchvision_resnet_keys
 
 from selfsup.config import ModelConfig
-from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.models.backbones import build_backbone
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
 
@@ -101,7 +101,7 @@ def test_bad_names_are_named() -> None:
 
 
 def test_vit_names_go_to_the_vit_module() -> None:
-    vit = pytest.importorskip("selfsup.pretrain.vit")
+    vit = pytest.importorskip("selfsup.pretrain.models.vit")
     cfg = ModelConfig(backbone="vit_tiny", patch_size=4)
     net = build_backbone(cfg, 1, 16)
     ref = vit.build_vit(cfg, 1, 16)

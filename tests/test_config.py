@@ -49,6 +49,14 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (["train.epochs=0"], "nothing to train"),
         (["method.simclr.grad_cache_chunk=8", "train.accumulate=2"], "replaces gradient accumulation"),
         (["data"], "not of the form key.sub=value"),
+        # each section's own checks run in load_config, before any data is read
+        (["augment.scale=[0.9, 0.1]"], "augment.scale: need 0 < min <= max <= 1"),
+        (["augment.recipe=fancy"], "augment.recipe: 'fancy' is not one of"),
+        (["model.backbone=resnet99"], "model.backbone: unknown backbone 'resnet99'"),
+        (["method.dae.loss=l3"], "method.dae.loss: 'l3' is not one of mse, l1, huber"),
+        (["method.simclr.temperature=0"], "method.simclr.temperature must be > 0"),
+        (["method.name=byol9"], "method.name: 'byol9' is not one of"),
+        (["method.nosuch.x=1"], "unknown config key 'method.nosuch'"),
     ],
 )
 def test_errors_name_the_key(overrides: list[str], message: str) -> None:
@@ -66,3 +74,21 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 def test_parse_overrides_builds_nested_dict() -> None:
     assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": [1, 2]}
+
+
+def test_print_config_checks_every_section(tmp_path: Path) -> None:
+    """--print-config reads no data, yet refuses what training would refuse."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "selfsup.launch.cli", "pretrain", "--print-config",
+                        "augment.scale=[0.9, 0.1]"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "augment.scale" in r.stdout
+
+
+def test_method_sections_come_from_the_registry() -> None:
+    from selfsup.pretrain.methods import METHODS
+
+    cfg = load_config(None)
+    assert set(to_dict(cfg)["method"]) == {"name", *METHODS}
+    assert cfg.method.selected is cfg.method.simclr

@@ -18,7 +18,7 @@ from selfsup.eval.features import (
     extract_features_from,
     weights_hash,
 )
-from selfsup.pretrain.backbones import build_backbone
+from selfsup.pretrain.models.backbones import build_backbone
 
 MEAN, STD = (0.3,), (0.2,)
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from selfsup.config import load_config, save_config
+from selfsup.data_info import DataInfo
 from selfsup.eval.run import EvalError, EvalOptions, evaluate_features, run_eval
 from selfsup.launch.cli import main as cli
-from selfsup.pretrain.datasets import ArraySource, embedded
-from selfsup.pretrain.methods import build_method
-from selfsup.pretrain.methods.base import DataInfo
-from selfsup.pretrain.shards import ShardOptions, write_shards
-from selfsup.pretrain.stream import ShardSet
+from selfsup.pretrain.build import build_method
+from selfsup.pretrain.data.datasets import ArraySource, embedded
+from selfsup.pretrain.data.shards import ShardOptions, write_shards
+from selfsup.pretrain.data.stream import ShardSet
 
 FAST = EvalOptions(knn_k=(5, 20), plot_points=200, probe_weight_decays=(1e-1, 1e-3))
 RUN = ["model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.5", "method.name=dae"]
@@ -130,7 +130,7 @@ def test_report_on_run_dir_with_baselines_and_query(run_dir, data, tmp_path, cap
 
     # --query: the nearest item of a training image is itself (similarity 1)
     ss = ShardSet.open(data["train"])
-    from selfsup.pretrain.stream import load_arrays
+    from selfsup.pretrain.data.stream import load_arrays
 
     images, labels, keys = load_arrays(ss)
     from PIL import Image

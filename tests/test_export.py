@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,10 @@ from torch import nn
 
 import selfsup
 from selfsup.config import load_config, save_config
+from selfsup.data_info import DataInfo
 from selfsup.launch.cli import main as cli_main
-from selfsup.pretrain.backbones import build_backbone
 from selfsup.pretrain.export import (
+    CARD_FILE,
     CONFIG_FILE,
     ONNX_FILE,
     WEIGHTS_FILE,
@@ -30,7 +32,7 @@ from selfsup.pretrain.export import (
     export_run,
     load_backbone,
 )
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup.pretrain.models.backbones import build_backbone
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.286,), std=(0.353,))
 RGB32 = DataInfo(channels=3, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.24, 0.26))
@@ -124,7 +126,7 @@ def test_config_json_describes_architecture_input_and_normalisation(small_run, t
     run_dir, trained = small_run
     export_run(run_dir, tmp_path / "e")
     meta = json.loads((tmp_path / "e" / CONFIG_FILE).read_text())
-    assert meta["architecture"] == {
+    assert meta["model"] == {
         "backbone": "resnet_small",
         "stem": "cifar_s2",
         "width": 1.0,
@@ -345,9 +347,9 @@ def test_export_config_with_unknown_architecture_key(small_run, tmp_path):
     export_run(run_dir, tmp_path / "e")
     path = tmp_path / "e" / CONFIG_FILE
     meta = json.loads(path.read_text())
-    meta["architecture"]["depth"] = 7
+    meta["model"]["depth"] = 7
     path.write_text(json.dumps(meta))
-    with pytest.raises(ExportError, match="unknown config key 'architecture.depth'"):
+    with pytest.raises(ExportError, match="unknown config key 'model.depth'"):
         load_backbone(tmp_path / "e")
 
 
@@ -356,7 +358,58 @@ def test_export_config_for_another_architecture(small_run, tmp_path):
     export_run(run_dir, tmp_path / "e")
     path = tmp_path / "e" / CONFIG_FILE
     meta = json.loads(path.read_text())
-    meta["architecture"]["backbone"] = "resnet18"
+    meta["model"]["backbone"] = "resnet18"
     path.write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="missing: .*layer1.1"):
         load_backbone(tmp_path / "e")
+
+
+# ---------------------------------------------------------------- timm / torchvision interop
+
+
+@pytest.mark.parametrize("backbone", ["vit_micro", "vit_tiny"])
+def test_timm_fields_rebuild_the_exported_names_and_shapes(tmp_path, backbone):
+    """config.json's timm fields (what timm.create_model('local-dir:...') reads) describe a
+    VisionTransformer whose state dict is exactly the exported one, less the head."""
+    run_dir = tmp_path / "run"
+    make_run(run_dir, [f"model.backbone={backbone}", "model.patch_size=4"], RGB32)
+    export_run(run_dir, tmp_path / "e")
+    meta = json.loads((tmp_path / "e" / CONFIG_FILE).read_text())
+    args = meta["model_args"]
+    assert meta["architecture"] == "vit_tiny_patch16_224" and meta["num_classes"] == 0
+    assert args["num_classes"] == 0 and args["global_pool"] == "token" and args["mlp_ratio"] == 4.0
+    assert meta["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    reference = timm_vit_keys(args["embed_dim"], args["depth"], args["in_chans"], args["img_size"],
+                              args["patch_size"])  # fmt: skip
+    saved = load_file(str(tmp_path / "e" / WEIGHTS_FILE))
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {
+        k: v for k, v in reference.items() if k not in HEADS}
+    card = (tmp_path / "e" / CARD_FILE).read_text()
+    assert "timm.create_model('vit_tiny_patch16_224', patch_size=4, img_size=32, in_chans=3" in card
+    assert "local-dir:" in card
+
+
+def test_resnet_card_says_whether_the_stem_is_torchvisions(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run(run_dir, ["model.backbone=resnet18", "model.stem=imagenet"], RGB32)
+    export_run(run_dir, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    assert meta["architecture"] == "resnet18" and "torchvision.models.resnet18()" in meta["param_naming"]
+    shutil.rmtree(run_dir)
+    make_run(run_dir, ["model.backbone=resnet18", "model.stem=cifar"], RGB32)
+    export_run(run_dir, tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    assert "architecture" not in meta and "not a torchvision/timm preset" in meta["param_naming"]
+    card = (tmp_path / "b" / CARD_FILE).read_text()
+    assert "model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)" in card
+    assert "model.maxpool = torch.nn.Identity()" in card
+
+
+def test_format_version_1_exports_still_load(small_run, tmp_path):
+    run_dir, _ = small_run
+    export_run(run_dir, tmp_path / "e")
+    path = tmp_path / "e" / CONFIG_FILE
+    meta = json.loads(path.read_text())
+    meta["format_version"], meta["architecture"] = 1, meta.pop("model")
+    path.write_text(json.dumps(meta))
+    assert load_backbone(tmp_path / "e").feature_dim == 256

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup.pretrain.datasets import DatasetError, open_source
-from selfsup.pretrain.folders import _to_mode, image_folder, image_list, load_image
-from selfsup.pretrain.import_parallel import SKIPPED, ImportPlan, import_source
-from selfsup.pretrain.shards import ShardOptions
-from selfsup.pretrain.stream import ShardSet, load_arrays
+from selfsup.pretrain.data.datasets import DatasetError
+from selfsup.pretrain.data.folders import _to_mode, image_folder, image_list, load_image
+from selfsup.pretrain.data.import_parallel import SKIPPED, ImportPlan, import_source
+from selfsup.pretrain.data.shards import ShardOptions
+from selfsup.pretrain.data.sources import open_source
+from selfsup.pretrain.data.stream import ShardSet, load_arrays
 
 
 def _save(path: Path, size=(24, 18), seed: int = 0, colour=None, mode: str = "RGB", **kw) -> Path:

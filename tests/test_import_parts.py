@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup.pretrain.datasets import DatasetError, shapes
-from selfsup.pretrain.folders import image_folder
-from selfsup.pretrain.import_parallel import (
+from selfsup.pretrain.data.datasets import DatasetError, shapes
+from selfsup.pretrain.data.folders import image_folder
+from selfsup.pretrain.data.import_parallel import (
     ImportPlan,
     import_source,
     join_parts,
     parse_part,
     part_dir,
 )
-from selfsup.pretrain.pixel_stats import PixelSums, add_sums, mean_std
-from selfsup.pretrain.shards import ShardOptions, ShardWriteError
-from selfsup.pretrain.stream import ShardSet, load_arrays
+from selfsup.pretrain.data.pixel_stats import PixelSums, add_sums, mean_std
+from selfsup.pretrain.data.shards import ShardOptions, ShardWriteError
+from selfsup.pretrain.data.stream import ShardSet, load_arrays
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _run(folder: Path, out: Path, size: int = 16, **plan):
 
 
 def test_workers_give_identical_bytes(jpegs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from selfsup.pretrain import import_parallel
+    from selfsup.pretrain.data import import_parallel
 
     monkeypatch.setattr(import_parallel, "CHUNK", 2)  # 24 chunks: more than the 12 kept in flight
     one = _run(jpegs, tmp_path / "w1", workers=1).manifest
@@ -149,7 +149,7 @@ def test_pixel_sums_are_exact_and_add() -> None:
 def test_tar_writer_matches_webdataset(tmp_path: Path) -> None:
     import webdataset as wds
 
-    from selfsup.pretrain.tar_writer import TarWriter
+    from selfsup.pretrain.data.tar_writer import TarWriter
 
     samples = [{"__key__": f"k{i:03d}", "u8": bytes(range(i % 256)) * (i + 1), "cls": str(i)} for i in range(40)]
     samples += [{"__key__": "x" * 96, "png": b"\x89PNG" * 300},  # exactly 100 bytes with ".png"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from selfsup.config import load_config
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup.data_info import DataInfo
+from selfsup.pretrain.build import build_method
 from selfsup.pretrain.methods.mae import (
-    MAE,
     gather_tokens,
     masked_patch_loss,
     num_visible,
@@ -18,8 +18,8 @@ from selfsup.pretrain.methods.mae import (
     random_masking,
     unpatchify,
 )
+from selfsup.pretrain.models.vit import build_vit
 from selfsup.pretrain.optim import split_decay
-from selfsup.pretrain.vit import build_vit
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 
@@ -209,7 +209,7 @@ def test_norm_pix_targets_are_standardised_per_patch():
 
 def test_mae_encoder_sees_only_visible_patches_and_all_params_learn():
     torch.manual_seed(0)
-    mae = MAE(mae_cfg(), GRAY28)
+    mae = build_method(mae_cfg(), GRAY28)
     seen = []
     mae.backbone.blocks[0].register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[1]))
     decoder_seen = []
@@ -228,15 +228,15 @@ def test_mae_encoder_sees_only_visible_patches_and_all_params_learn():
 
 
 def test_learned_tokens_get_no_weight_decay():
-    mae = MAE(mae_cfg(), GRAY28)
-    _, no_decay = split_decay(mae)
+    mae = build_method(mae_cfg(), GRAY28)
+    _, no_decay = split_decay(mae, mae.no_weight_decay())
     ids = {id(p) for p in no_decay}
     assert id(mae.backbone.cls_token) in ids and id(mae.decoder.mask_token) in ids
     assert id(mae.backbone.blocks[0].attn.qkv.weight) not in ids
 
 
 def test_mae_reconstruct_pastes_prediction_into_hidden_patches_only():
-    mae = MAE(mae_cfg(), GRAY28)
+    mae = build_method(mae_cfg(), GRAY28)
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     out = mae.reconstruct(images, generator=torch.Generator().manual_seed(0))
     inp = out["input"]
@@ -254,16 +254,16 @@ def test_mae_reconstruct_pastes_prediction_into_hidden_patches_only():
 
 def test_mae_rejects_bad_config_before_training():
     with pytest.raises(ValueError, match="mask_ratio"):
-        MAE(mae_cfg("method.mae.mask_ratio=1.0"), GRAY28)
+        build_method(mae_cfg("method.mae.mask_ratio=1.0"), GRAY28)
     with pytest.raises(ValueError, match="not divisible by model.patch_size=5"):
-        MAE(mae_cfg("model.patch_size=5"), GRAY28)
+        build_method(mae_cfg("model.patch_size=5"), GRAY28)
 
 
 def test_mae_short_optimisation_lowers_loss(one_thread):
     """A few AdamW steps on a fixed batch of structured images reduce the masked loss."""
     torch.manual_seed(0)
     cfg = mae_cfg("augment.recipe=none", "method.mae.decoder_dim=64", "method.mae.decoder_depth=1")
-    mae = MAE(cfg, GRAY28)
+    mae = build_method(cfg, GRAY28)
     yy, xx = torch.meshgrid(torch.arange(28), torch.arange(28), indexing="ij")
     phase = torch.arange(8).view(-1, 1, 1)
     images = (127.5 + 127 * torch.sin((xx + yy + phase) / 4.0)).to(torch.uint8).unsqueeze(1)

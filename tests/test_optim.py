@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.config import OptimConfig
-from selfsup.pretrain.optim import LARS, build_optimizer, build_scheduler
+from selfsup.pretrain.optim import LARS, OptimConfig, build_optimizer, build_scheduler
 
 
 def _net() -> nn.Module:
@@ -76,7 +75,8 @@ def test_no_weight_decay_hook_is_honoured() -> None:
         def no_weight_decay(self) -> set[str]:
             return {"cls_token"}
 
-    opt = build_optimizer(OptimConfig(name="adamw", weight_decay=0.05), WithToken(), 256)
+    net = WithToken()
+    opt = build_optimizer(OptimConfig(name="adamw", weight_decay=0.05), net, 256, net.no_weight_decay())
     decayed = [p for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
     assert len(decayed) == 1 and decayed[0].shape == (4, 4)
 

@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup.pretrain.shard_cache import CACHE_ENV, CacheError, folder_to_shards, is_image_folder
-from selfsup.pretrain.stream import ShardSet
+from selfsup.pretrain.data.shard_cache import (
+    CACHE_ENV,
+    CacheError,
+    folder_to_shards,
+    is_image_folder,
+)
+from selfsup.pretrain.data.stream import ShardSet
 
 
 def _photos(root: Path, n: int = 40, seed: int = 0) -> Path:
@@ -85,7 +90,7 @@ def test_other_ranks_wait_for_rank_0(tmp_path: Path, monkeypatch: pytest.MonkeyP
     waiter.start()
     time.sleep(1.0)
     assert waiter.is_alive() and not got  # nothing written yet: rank 1 waits
-    code = ("import sys; from selfsup.pretrain.shard_cache import folder_to_shards as f; "
+    code = ("import sys; from selfsup.pretrain.data.shard_cache import folder_to_shards as f; "
             f"print(f({str(photos)!r}, {str(tmp_path / 'runs' / 'a')!r}, size=16))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RANK": "0"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfsup.pretrain.datasets import ArraySource, DatasetError, cifar, shapes
-from selfsup.pretrain.folders import image_folder
-from selfsup.pretrain.shards import ShardOptions, ShardWriteError, write_shards
-from selfsup.pretrain.stream import (
+from selfsup.pretrain.data.datasets import ArraySource, DatasetError, cifar, shapes
+from selfsup.pretrain.data.folders import image_folder
+from selfsup.pretrain.data.shards import ShardOptions, ShardWriteError, write_shards
+from selfsup.pretrain.data.stream import (
     ShardError,
     ShardLoader,
     ShardSet,

@@ -21,9 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from selfsup.config import load_config
-from selfsup.pretrain.distributed import all_reduce_mean, get_rank, get_world_size
-from selfsup.pretrain.methods import METHODS, build_method
-from selfsup.pretrain.methods.base import DataInfo
+from selfsup.data_info import DataInfo
+from selfsup.pretrain.build import build_method
+from selfsup.pretrain.distributed import get_rank, get_world_size
+from selfsup.pretrain.methods import METHODS, StepContext
 from selfsup.pretrain.methods.simclr import SimCLR, grad_cache_step, info_nce
 
 TAU = 0.2
@@ -60,11 +61,20 @@ def _config(chunk: int = 0, grad_cache: int = 0, extra: tuple[str, ...] = ()):
 def _setup(dtype: torch.dtype, chunk: int = 0, grad_cache: int = 0):
     """Same model weights and the same global views in every process (fixed seeds)."""
     torch.manual_seed(0)
-    model = SimCLR(_config(chunk, grad_cache), INFO).to(dtype).eval()
+    model = build_method(_config(chunk, grad_cache), INFO).to(dtype).eval()
     g = torch.Generator().manual_seed(1)
     v1 = torch.randn(GLOBAL_N, 1, SIDE, SIDE, generator=g).to(dtype)
     v2 = torch.randn(GLOBAL_N, 1, SIDE, SIDE, generator=g).to(dtype)
     return model, v1, v2
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over processes, without gradient."""
+    if get_world_size() == 1:
+        return x.detach()
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / get_world_size()
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -92,7 +102,8 @@ def _worker(out_path: str) -> None:
         model, v1, v2 = _setup(dtype, chunk, grad_cache)
         ddp = accelerator.prepare(model)
         if grad_cache:
-            loss, _ = grad_cache_step(model, v1[local], v2[local], ddp, accelerator)
+            ctx = StepContext(ddp, accelerator.backward, lambda ddp=ddp: accelerator.no_sync(ddp))
+            loss, _ = grad_cache_step(model, v1[local], v2[local], ctx)
         else:
             z1, z2 = ddp(torch.cat([v1[local], v2[local]]), embed_only=True).chunk(2)
             gather = {} if differentiable else {"gather": _detached_gather}
@@ -251,19 +262,21 @@ def test_gradcache_equals_plain_in_one_process(accelerator) -> None:
     ref_loss, ref_grads = _reference(torch.float64)
     model, v1, v2 = _setup(torch.float64, chunk=0, grad_cache=3)  # 8 = 3 + 3 + 2
     wrapped = accelerator.prepare(model)
-    loss, logs = grad_cache_step(model, v1, v2, wrapped, accelerator)
+    ctx = StepContext(wrapped, accelerator.backward, lambda: accelerator.no_sync(wrapped))
+    loss, logs = grad_cache_step(model, v1, v2, ctx)
     assert abs(loss.item() - ref_loss.item()) <= 1e-12 * ref_loss.item()
-    assert logs["loss"] == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert float(logs["loss"]) == pytest.approx(ref_loss.item(), rel=1e-12)
     assert _max_rel_err(_grads(model), ref_grads) <= 1e-10
 
 
 def test_forward_on_uint8_images_trains_every_parameter() -> None:
     torch.manual_seed(0)
-    model = SimCLR(_config(chunk=5), INFO)
+    model = build_method(_config(chunk=5), INFO)
     images = torch.randint(0, 256, (6, 1, SIDE, SIDE), dtype=torch.uint8)
     loss, logs = model(images)
     assert set(logs) == {"loss", "acc", "pos_sim"}
-    assert torch.isfinite(loss) and loss.item() == pytest.approx(logs["loss"])
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in logs.values())  # no host sync
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(float(logs["loss"]))
     assert 0.0 <= logs["acc"] <= 1.0 and -1.0 <= logs["pos_sim"] <= 1.0
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -272,12 +285,13 @@ def test_forward_on_uint8_images_trains_every_parameter() -> None:
 
 def test_train_step_on_uint8_images_in_gradcache_mode(accelerator) -> None:
     torch.manual_seed(0)
-    model = SimCLR(_config(grad_cache=4), INFO)
+    model = build_method(_config(grad_cache=4), INFO)
     assert model.owns_backward
     wrapped = accelerator.prepare(model)
     images = torch.randint(0, 256, (10, 1, SIDE, SIDE), dtype=torch.uint8)
-    loss, logs = model.train_step(images, wrapped, accelerator)
-    assert not loss.requires_grad and loss.item() == pytest.approx(logs["loss"])
+    ctx = StepContext(wrapped, accelerator.backward, lambda: accelerator.no_sync(wrapped))
+    loss, logs = model.train_step(images, ctx)
+    assert not loss.requires_grad and loss.item() == pytest.approx(float(logs["loss"]))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
@@ -299,7 +313,7 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="loss_chunk"):
         info_nce(z, z, TAU, chunk=-1)
     with pytest.raises(ValueError, match="proj_layers"):
-        SimCLR(_config(extra=("method.simclr.proj_layers=0",)), INFO)
+        build_method(_config(extra=("method.simclr.proj_layers=0",)), INFO)
 
 
 def test_cosine_is_scale_invariant() -> None:

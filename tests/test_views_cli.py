@@ -9,9 +9,9 @@ from PIL import Image
 
 from selfsup.augment.grid import HEADER, grid_size
 from selfsup.launch.cli import main
-from selfsup.pretrain.datasets import ArraySource, embedded, shapes
-from selfsup.pretrain.shards import ShardOptions, write_shards
-from selfsup.pretrain.stream import ShardSet, load_arrays
+from selfsup.pretrain.data.datasets import ArraySource, embedded, shapes
+from selfsup.pretrain.data.shards import ShardOptions, write_shards
+from selfsup.pretrain.data.stream import ShardSet, load_arrays
 
 
 def write(src: ArraySource, out) -> str:

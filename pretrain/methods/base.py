@@ -1,21 +1,93 @@
-"""What every method receives about the data, and the contract the training loop relies on.
+"""The method contract: everything the training loop and evaluation may call on a method.
 
-A method is an ``nn.Module`` constructed as ``Method(cfg, info)`` that builds its own backbone
-(``self.backbone``) and its own on-device augmentation, and whose ``forward(images)`` takes a uint8
-batch ``[B, C, H, W]`` already on the training device and returns ``(loss, logs)``: a scalar loss
-tensor and a dict of scalars to log. The training loop never looks inside.
+A method is one file: a ``Method`` subclass with its heads and loss, registered with
+``@register_method(name, ConfigClass)`` (``selfsup.pretrain.methods.registry``). The registry builds
+the pieces every method shares, once, and hands them in: the method's own sub-config
+(``method.<name>``), the backbone (``selfsup.pretrain.models``) and the view recipe
+(``selfsup.augment.views.Views``). The loop and eval call only what is declared here; every
+optional hook has a default, so a minimal method implements ``forward`` alone.
+
+``forward(images)`` takes a uint8 batch ``[B, C, H, W]`` already on the training device and
+returns ``(loss, logs)``: a scalar loss tensor and a dict of 0-d tensors to log. Logs stay tensors
+(no ``.item()``): the loop moves them to the host only on logging steps, so a GPU step has no
+host sync beyond the one the loop needs for its own checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.augment.views import Views
+from selfsup.data_info import DataInfo
+
+Logs = dict[str, Tensor]
 
 
-@dataclass(frozen=True)
-class DataInfo:
-    """Shape and statistics of the images a method will see (read from the shard manifest)."""
+@dataclass
+class StepContext:
+    """What a method that owns its backward (``owns_backward``) gets from the loop instead of the
+    launcher: the wrapped (DDP) module's call, the backward that keeps loss scaling and
+    accumulation intact, and a context that skips the gradient all-reduce for one backward."""
 
-    channels: int
-    image_size: int  # square side in pixels
-    mean: tuple[float, ...]  # per channel, in [0, 1] units
-    std: tuple[float, ...]
+    forward: Callable[..., Any]
+    backward: Callable[[Tensor], None]
+    no_sync: Callable[[], AbstractContextManager[None]]
+
+
+class Method(nn.Module):
+    """Base class of every method; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""  # set by @register_method
+    reconstructs: ClassVar[bool] = False  # True: ``reconstruct`` is implemented (autoencoders)
+    owns_backward: bool = False  # True: the loop calls ``train_step`` instead of ``forward``
+
+    def __init__(self, cfg: Any, backbone: nn.Module, views: Views, info: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.views = views
+        self.info = info
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Logs]:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(images)")
+
+    # ------------------------------------------------------------------ optional hooks
+    def train_step(self, images: Tensor, ctx: StepContext) -> tuple[Tensor, Logs]:
+        """Forward and backward of one micro-batch, no optimiser step (when ``owns_backward``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not own its backward")
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimiser step with the number of steps done so far (1-based) and the
+        run's total; e.g. a momentum target network's update. Must depend only on its arguments
+        and the model state, so a resumed run repeats it exactly."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (full or last component) the optimiser leaves undecayed; parameters
+        with at most one dimension are never decayed anyway."""
+        return set()
+
+    @torch.no_grad()
+    def reconstruct(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """``{"input", "corrupted", "reconstruction"}`` as float images in [0, 1], shown in the
+        reconstruction grid (only when ``reconstructs``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct")
+
+    @torch.no_grad()
+    def anomaly_score(self, images: Tensor) -> Tensor:
+        """Per-image anomaly score ``[B]`` (higher = more anomalous); default: mean squared
+        reconstruction error in [0, 1] pixel units (only when ``reconstructs``)."""
+        out = self.reconstruct(images)
+        err = (out["reconstruction"].float() - out["input"].float()).pow(2)
+        return err.flatten(1).mean(1)
+
+    def to_unit(self, x: Tensor) -> Tensor:
+        """Normalised float images back to [0, 1] (for pictures)."""
+        return self.views.to_unit(x)

@@ -18,23 +18,19 @@ learn the identity, so that combination is rejected at construction.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment.corrupt import CorruptConfig, check_corrupt_config, corrupt
-from selfsup.augment.views import build_views
-from selfsup.pretrain.backbones import build_backbone
-
-if TYPE_CHECKING:  # config imports this module for DAEConfig: only type hints may go the other way
-    from selfsup.config import Config
-    from selfsup.pretrain.methods.base import DataInfo
+from selfsup.augment.views import Views
+from selfsup.data_info import DataInfo
+from selfsup.pretrain.methods.base import Logs, Method
+from selfsup.pretrain.methods.registry import register_method
 
 LOSSES = ("mse", "l1", "huber")
 MAX_UPSAMPLING_STAGES = 8
@@ -46,6 +42,15 @@ class DAEConfig:
     huber_delta: float = 1.0
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
     code_channels: int = 32  # 1x1 bottleneck on the encoder's feature map before decoding
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"method.dae.loss: '{self.loss}' is not one of {', '.join(LOSSES)}")
+        if self.huber_delta <= 0:
+            raise ValueError(f"method.dae.huber_delta must be > 0, got {self.huber_delta}")
+        if self.code_channels < 1:
+            raise ValueError(f"method.dae.code_channels must be >= 1, got {self.code_channels}")
+        check_corrupt_config(self.corrupt)
 
 
 def reconstruction_loss(
@@ -118,27 +123,24 @@ class ConvDecoder(nn.Module):
         return self.head(self.stages(self.bottleneck(features)))
 
 
-class DAE(nn.Module):
+@register_method("dae", DAEConfig, backbone="resnet")
+class DAE(Method):
     """Denoising (or, with no corruption, plain undercomplete) convolutional autoencoder."""
 
-    def __init__(self, cfg: Config, info: DataInfo) -> None:
-        super().__init__()
-        self.cfg = cfg.method.dae
-        reconstruction_loss(torch.zeros(1), torch.zeros(1), self.cfg.loss, self.cfg.huber_delta)
-        check_corrupt_config(self.cfg.corrupt)
-        if self.cfg.code_channels < 1:
-            raise ValueError(f"method.dae.code_channels must be >= 1, got {self.cfg.code_channels}")
-        self.views = build_views(cfg.augment, info)
+    reconstructs = True
+
+    def __init__(self, cfg: DAEConfig, backbone: nn.Module, views: Views, info: DataInfo) -> None:
+        super().__init__(cfg, backbone, views, info)
+        cfg.check()
         # Grids show the un-augmented images: same size and normalisation, no random crop/flip.
-        self.plain_views = build_views(dataclasses.replace(cfg.augment, recipe="none"), info)
-        size, channels = self.views.size, info.channels
-        self.backbone = build_backbone(cfg.model, channels, size)
+        self.plain_views = views.plain()
+        size, channels = views.size, info.channels
         probe = torch.zeros(1, channels, size, size)
         features = self._dry_run(self.backbone.forward_features, probe)
         if features.dim() != 4:
             raise ValueError(
                 f"method.name=dae needs a convolutional (ResNet) backbone with a [B, C, h, w] "
-                f"feature map, got model.backbone={cfg.model.backbone}"
+                f"feature map, got {type(backbone).__name__}"
             )
         c, h, w = features.shape[1:]
         if h != w:
@@ -154,10 +156,8 @@ class DAE(nn.Module):
                 f"method.dae.code_channels={self.cfg.code_channels} x {h}x{w} = {code} values "
                 f">= {pixels} pixel values: lower code_channels or add noise"
             )
-        mean = torch.tensor(self.views.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.views.std).view(1, -1, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        mean = torch.tensor(views.mean).view(1, -1, 1, 1)
+        std = torch.tensor(views.std).view(1, -1, 1, 1)
         self.register_buffer("black", ((0.0 - mean) / std).flatten(), persistent=False)
         self.register_buffer("white", ((1.0 - mean) / std).flatten(), persistent=False)
 
@@ -179,7 +179,7 @@ class DAE(nn.Module):
     def autoencode(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.backbone.forward_features(x))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         clean = self.views(images, n_views=1)[0]
         recon = self.autoencode(self.corrupt(clean))
         loss = reconstruction_loss(recon, clean, self.cfg.loss, self.cfg.huber_delta)
@@ -193,12 +193,8 @@ class DAE(nn.Module):
         clean = self.plain_views(images, n_views=1)[0]
         corrupted = self.corrupt(clean, generator)
         recon = self.autoencode(corrupted).float()
-
-        def to_unit(x: torch.Tensor) -> torch.Tensor:
-            return (x.float() * self.std + self.mean).clamp(0, 1)
-
         return {
-            "input": to_unit(clean),
-            "corrupted": to_unit(corrupted),
-            "reconstruction": to_unit(recon),
+            "input": self.to_unit(clean),
+            "corrupted": self.to_unit(corrupted),
+            "reconstruction": self.to_unit(recon),
         }

@@ -11,20 +11,22 @@ order, and predicts all patches. The loss is the mean squared error over the mas
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from selfsup.augment.views import build_views
-from selfsup.pretrain.backbones import build_backbone
-from selfsup.pretrain.vit import Block, VisionTransformer, init_transformer_weights, sincos_2d
-
-if TYPE_CHECKING:  # config imports this module for MAEConfig: only type hints may go the other way
-    from selfsup.config import Config
-    from selfsup.pretrain.methods.base import DataInfo
+from selfsup.augment.views import Views
+from selfsup.data_info import DataInfo
+from selfsup.pretrain.methods.base import Logs, Method
+from selfsup.pretrain.methods.registry import register_method
+from selfsup.pretrain.models.vit import (
+    Block,
+    VisionTransformer,
+    init_transformer_weights,
+    sincos_2d,
+)
 
 
 @dataclass
@@ -34,6 +36,18 @@ class MAEConfig:
     decoder_depth: int = 2
     decoder_heads: int = 4
     norm_pix_loss: bool = False
+
+    def check(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"method.mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"method.mae.{key} must be >= 1, got {getattr(self, key)}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(
+                f"method.mae.decoder_dim={self.decoder_dim} must be divisible by "
+                f"method.mae.decoder_heads={self.decoder_heads}"
+            )
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -159,18 +173,16 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
-class MAE(nn.Module):
-    """Masked autoencoder method: ``forward(images_uint8) -> (loss, logs)``."""
+@register_method("mae", MAEConfig, backbone="vit")
+class MAE(Method):
+    """Masked autoencoder: ViT encoder on the visible patches, light decoder, masked-patch MSE."""
 
-    def __init__(self, cfg: Config, info: DataInfo) -> None:
-        super().__init__()
-        self.cfg = cfg.method.mae
-        size = cfg.augment.size or info.image_size
-        self.backbone = build_backbone(cfg.model, info.channels, size)
-        if not isinstance(self.backbone, VisionTransformer):
-            raise ValueError(
-                f"method.name=mae needs a ViT backbone, got model.backbone={cfg.model.backbone}"
-            )
+    reconstructs = True
+
+    def __init__(self, cfg: MAEConfig, backbone: nn.Module, views: Views, info: DataInfo) -> None:
+        super().__init__(cfg, backbone, views, info)
+        if not isinstance(backbone, VisionTransformer):
+            raise ValueError(f"method.name=mae needs a ViT backbone, got {type(backbone).__name__}")
         self.patch_size = self.backbone.patch_size
         self.channels = info.channels
         num_visible(self.backbone.num_patches, self.cfg.mask_ratio)  # fail before training
@@ -180,12 +192,8 @@ class MAE(nn.Module):
             self.patch_size**2 * info.channels,
             self.cfg,
         )
-        self.views = build_views(cfg.augment, info)
         # Grids show the un-augmented images: same size and normalisation, no random crop/flip.
-        self.plain_views = build_views(dataclasses.replace(cfg.augment, recipe="none"), info)
-        mean, std = self.views.mean, self.views.std
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.plain_views = views.plain()
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (last component) the optimiser leaves undecayed: the learned tokens."""
@@ -206,7 +214,7 @@ class MAE(nn.Module):
         pred, masking = self.predict(x, generator)
         return masked_patch_loss(pred, x, masking.mask, self.patch_size, self.cfg.norm_pix_loss)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         loss = self.loss(self.views(images, n_views=1)[0])
         return loss, {}  # the loop logs the loss itself, averaged over ranks
 
@@ -224,8 +232,8 @@ class MAE(nn.Module):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             pred = pred * (var + 1e-6) ** 0.5 + mean
-        shown = x.float() * self.std + self.mean
-        predicted = unpatchify(pred, self.patch_size, self.channels) * self.std + self.mean
+        shown = self.to_unit(x.float())
+        predicted = self.to_unit(unpatchify(pred, self.patch_size, self.channels))
         hidden = unpatchify(
             masking.mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]),
             self.patch_size,

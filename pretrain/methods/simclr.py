@@ -34,18 +34,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.pretrain.backbones import build_backbone
+from selfsup.augment.views import Views
+from selfsup.data_info import DataInfo
 from selfsup.pretrain.distributed import all_gather_grad, get_rank
-
-if TYPE_CHECKING:
-    from selfsup.config import Config
-    from selfsup.pretrain.methods.base import DataInfo
+from selfsup.pretrain.methods.base import Logs, Method, StepContext
+from selfsup.pretrain.methods.registry import register_method
 
 
 @dataclass
@@ -56,6 +55,16 @@ class SimCLRConfig:
     proj_layers: int = 2  # Linear layers in the head; all but the last are followed by BN + ReLU
     loss_chunk: int = 0  # rows of the logit matrix per chunk; 0 = whole matrix at once
     grad_cache_chunk: int = 0  # >0: GradCache mode, embed sub-batches of this many images
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"method.simclr.temperature must be > 0, got {self.temperature}")
+        for key in ("proj_hidden", "proj_out", "proj_layers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"method.simclr.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("loss_chunk", "grad_cache_chunk"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"method.simclr.{key} must be >= 0, got {getattr(self, key)}")
 
 
 class ProjectionHead(nn.Module):
@@ -196,33 +205,22 @@ class _RngReplay:
         self._fork.__exit__(*exc)
 
 
-class SimCLR(nn.Module):
-    """Backbone + projection head + on-device views; ``forward(uint8 images) -> (loss, logs)``.
+@register_method("simclr", SimCLRConfig)
+class SimCLR(Method):
+    """SimCLR: backbone + projection head, NT-Xent over two views and every process's keys.
 
-    With ``grad_cache_chunk > 0`` the training loop must call ``train_step`` instead
-    (``owns_backward`` is True): the loss over the whole batch is computed from embeddings made
-    without a graph, and the backbone is then re-run one sub-batch at a time with the cached
-    embedding gradients.
+    With ``grad_cache_chunk > 0`` the method owns its backward (``train_step``): the loss over
+    the whole batch is computed from embeddings made without a graph, and the backbone is then
+    re-run one sub-batch at a time with the cached embedding gradients.
     """
 
-    def __init__(self, cfg: Config, info: DataInfo):
-        super().__init__()
-        # imported here so the loss can be used (and tested) without the augment package
-        from selfsup.augment.views import build_views
-
-        self.cfg = cfg.method.simclr
-        if self.cfg.grad_cache_chunk < 0:
-            raise ValueError(
-                f"method.simclr.grad_cache_chunk must be >= 0, got {self.cfg.grad_cache_chunk}"
-            )
-        self.views = build_views(cfg.augment, info)
-        self.backbone = build_backbone(
-            cfg.model, info.channels, cfg.augment.size or info.image_size
-        )
+    def __init__(self, cfg: SimCLRConfig, backbone: nn.Module, views: Views, info: DataInfo):
+        super().__init__(cfg, backbone, views, info)
+        cfg.check()
         self.head = ProjectionHead(
-            self.backbone.feature_dim, self.cfg.proj_hidden, self.cfg.proj_out, self.cfg.proj_layers
+            self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers
         )
-        self.owns_backward = self.cfg.grad_cache_chunk > 0
+        self.owns_backward = cfg.grad_cache_chunk > 0
 
     def embed(self, x: Tensor) -> Tensor:
         """Projection ``[B, proj_out]`` of normalised float images (before L2 normalisation)."""
@@ -233,39 +231,36 @@ class SimCLR(nn.Module):
             v1, v2 = self.views(images, n_views=2)
         return v1, v2
 
-    def loss_from_views(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss_from_views(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, Logs]:
         """Loss of two aligned batches of views (one forward pass over both)."""
         z1, z2 = self.embed(torch.cat([v1, v2])).chunk(2)
         return self._loss(z1, z2)
 
-    def _loss(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _loss(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, Logs]:
         out = info_nce(z1, z2, self.cfg.temperature, chunk=self.cfg.loss_chunk)
         with torch.no_grad():
             pos_sim = F.cosine_similarity(z1.float(), z2.float(), dim=1).mean()
-        logs = {"loss": out.loss.item(), "acc": out.acc.item(), "pos_sim": pos_sim.item()}
-        return out.loss, logs
+        return out.loss, {"loss": out.loss.detach(), "acc": out.acc.detach(), "pos_sim": pos_sim}
 
-    def forward(
-        self, images: Tensor, *, embed_only: bool = False
-    ) -> tuple[Tensor, dict[str, float]] | Tensor:
+    def forward(self, images: Tensor, *, embed_only: bool = False) -> tuple[Tensor, Logs] | Tensor:
         """``(loss, logs)`` for a uint8 batch; with ``embed_only`` the projections of float
         views (the entry point GradCache uses, so its passes run through the DDP wrapper)."""
         if embed_only:
             return self.embed(images)
         return self.loss_from_views(*self.make_views(images))
 
-    def train_step(self, images: Tensor, model: nn.Module, accelerator: Any) -> tuple[Tensor, dict]:
+    def train_step(self, images: Tensor, ctx: StepContext) -> tuple[Tensor, Logs]:
         """GradCache step: forward, loss and backward over the whole batch; no optimizer step.
 
-        ``model`` is the wrapped (DDP) module whose ``forward(x, embed_only=True)`` is this
-        module's ``embed``. Gradients are synchronised on the last sub-batch's backward only.
+        ``ctx.forward(x, embed_only=True)`` is this module's ``embed`` through the DDP wrapper.
+        Gradients are synchronised on the last sub-batch's backward only.
         """
-        return grad_cache_step(self, *self.make_views(images), model, accelerator)
+        return grad_cache_step(self, *self.make_views(images), ctx)
 
 
 def grad_cache_step(
-    method: SimCLR, v1: Tensor, v2: Tensor, model: nn.Module, accelerator: Any
-) -> tuple[Tensor, dict[str, float]]:
+    method: SimCLR, v1: Tensor, v2: Tensor, ctx: StepContext
+) -> tuple[Tensor, Logs]:
     """GradCache (Gao et al. 2021) on given views: see ``SimCLR.train_step``."""
     g = method.cfg.grad_cache_chunk
     n = v1.shape[0]
@@ -276,7 +271,7 @@ def grad_cache_step(
         parts = []
         for x in inputs:
             rngs.append(_RngReplay(x.device))
-            parts.append(model(x, embed_only=True))
+            parts.append(ctx.forward(x, embed_only=True))
     z1 = torch.cat([p[: e - s] for p, (s, e) in zip(parts, bounds, strict=True)]).detach()
     z2 = torch.cat([p[e - s :] for p, (s, e) in zip(parts, bounds, strict=True)]).detach()
     z1.requires_grad_(True)
@@ -286,9 +281,9 @@ def grad_cache_step(
     for i, ((s, e), x, rng) in enumerate(zip(bounds, inputs, rngs, strict=True)):
         cached = torch.cat([z1.grad[s:e], z2.grad[s:e]])
         last = i == len(inputs) - 1
-        with nullcontext() if last else accelerator.no_sync(model), rng:
-            z = model(x, embed_only=True)
+        with nullcontext() if last else ctx.no_sync(), rng:
+            z = ctx.forward(x, embed_only=True)
             # d/dθ of <z(θ), cached> is exactly the chain rule through the cached gradient;
-            # going through accelerator.backward keeps loss scaling and accumulation intact
-            accelerator.backward((z.to(cached.dtype) * cached).sum())
+            # going through the loop's backward keeps loss scaling and accumulation intact
+            ctx.backward((z.to(cached.dtype) * cached).sum())
     return loss.detach(), logs

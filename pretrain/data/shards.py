@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from selfsup.pretrain.datasets import Sample
-from selfsup.pretrain.pixel_stats import PixelSums, mean_std
-from selfsup.pretrain.tar_writer import TarWriter
+from selfsup.pretrain.data.datasets import Sample
+from selfsup.pretrain.data.pixel_stats import PixelSums, mean_std
+from selfsup.pretrain.data.tar_writer import TarWriter
 
 MANIFEST = "manifest.json"
 FORMAT = "selfsup-shards/1"

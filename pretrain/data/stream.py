@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from selfsup.pretrain.shards import FORMAT, MANIFEST
+from selfsup.pretrain.data.shards import FORMAT, MANIFEST
 
 _REQUIRED = ("format", "encoding", "extension", "image_size", "channels", "classes", "num_samples", "shards")
 
@@ -119,7 +118,7 @@ class ShardSet:
         return shardset
 
     def _check_files(self, verify_hashes: bool) -> None:
-        from selfsup.pretrain.shards import _sha256
+        from selfsup.pretrain.data.shards import _sha256
 
         for shard, url in zip(self.shards, self.urls, strict=True):
             p = Path(url)
@@ -382,13 +381,6 @@ class ShardLoader:
             self.corrupt = sum(c for c, _ in per_worker.values())
             self.padded = sum(p for _, p in per_worker.values())
             yield batch
-
-
-def rank_and_world() -> tuple[int, int]:
-    """From an initialised process group, else from launcher environment variables."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def load_arrays(shardset: ShardSet, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -15,12 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from selfsup.pretrain.folders import ImageFiles
 
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -106,7 +102,7 @@ def build_embedded_subset(
 ) -> None:
     """Write the stratified subset shipped as the embedded default dataset (run once, by hand).
 
-    ``python -c "from selfsup.pretrain.datasets import build_embedded_subset as b;
+    ``python -c "from selfsup.pretrain.data.datasets import build_embedded_subset as b;
     b('/usr/share/datasets/fashion-mnist', 'pretrain/data/fashion_mnist_subset.npz')"``
     """
     rng = np.random.default_rng(0)
@@ -130,7 +126,7 @@ def embedded(split: str = "train") -> ArraySource:
     """
     if split not in ("train", "test"):
         raise DatasetError(f"embedded split must be train or test, got {split!r}")
-    with resources.files("selfsup.pretrain").joinpath("data", EMBEDDED_FILE).open("rb") as f:
+    with resources.files("selfsup.pretrain.data").joinpath(EMBEDDED_FILE).open("rb") as f:
         data = np.load(f)
         images = data[f"{split}_images"][..., None]
         labels = data[f"{split}_labels"].astype(np.int64)
@@ -230,42 +226,3 @@ def _draw_shape(rng: np.random.Generator, label: int, xx: np.ndarray, yy: np.nda
     img = np.where(mask[..., None], colour, img)
     img = img + rng.normal(0, 0.03, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------- one entry point
-SOURCES = ("embedded", "fashion-mnist", "cifar", "folder", "list", "shapes")
-
-
-def open_source(
-    kind: str,
-    *,
-    path: str | None = None,
-    split: str = "train",
-    size: int = 64,
-    mode: str = "RGB",
-    count: int = 10000,
-    seed: int = 0,
-    labels: str = "auto",
-) -> ArraySource | ImageFiles:
-    """Open one of ``SOURCES`` by name (what ``selfsup shards --source`` takes); ``folder`` and
-    ``list`` return a ``folders.ImageFiles`` (``labels``: auto | folders | none)."""
-    if kind == "embedded":
-        return embedded(split)
-    if kind == "fashion-mnist":
-        return fashion_mnist(path or FASHION_MNIST_DEBIAN_DIR, split)
-    if kind == "cifar":
-        if not path:
-            raise DatasetError("--source cifar needs --path to the CIFAR python batch folder")
-        return cifar(path, split)
-    if kind in ("folder", "list"):
-        from selfsup.pretrain.folders import image_folder, image_list
-
-        if not path:
-            what = "a folder of images (root/<class>/<image> for labels)" if kind == "folder" else "a list file"
-            raise DatasetError(f"--source {kind} needs --path to {what}")
-        if kind == "folder":
-            return image_folder(path, labels=labels, size=size, mode=mode)
-        return image_list(path, size=size, mode=mode, labels=labels)
-    if kind == "shapes":
-        return shapes(count, size=size, seed=seed + (0 if split == "train" else 1_000_003), name=f"shapes-{split}")
-    raise DatasetError(f"unknown source {kind!r}; choose one of {', '.join(SOURCES)}")

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from selfsup.pretrain.datasets import IMAGE_SUFFIXES, DatasetError, Sample
+from selfsup.pretrain.data.datasets import IMAGE_SUFFIXES, DatasetError, Sample
 
 LABEL_MODES = ("auto", "folders", "none")
 BACKGROUND = (255, 255, 255)  # what transparent pixels become (a viewer on a white page)

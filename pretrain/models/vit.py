@@ -14,14 +14,20 @@ the encoder on the visible patches only, without a second copy of the transforme
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # config imports the methods, which import this module: avoid the cycle
-    from selfsup.config import ModelConfig
+from selfsup.pretrain.models.base import Backbone
+
+
+class ViTSpec(Protocol):
+    """What ``build_vit`` reads of a ``ModelConfig``."""
+
+    backbone: str
+    patch_size: int
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ def init_transformer_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Backbone):
     """ViT encoder; ``forward`` returns the normalised class token (timm's default pooling)."""
 
     def __init__(
@@ -212,7 +218,7 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x)[:, 0]
 
 
-def build_vit(model_cfg: ModelConfig, in_chans: int, image_size: int) -> VisionTransformer:
+def build_vit(model_cfg: ViTSpec, in_chans: int, image_size: int) -> VisionTransformer:
     """ViT named by ``model_cfg.backbone`` (vit_micro | vit_tiny | vit_small | vit_base)."""
     preset = VIT_PRESETS.get(model_cfg.backbone)
     if preset is None:

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from selfsup.pretrain.datasets import IMAGE_SUFFIXES
-from selfsup.pretrain.shards import FORMAT, MANIFEST, ShardOptions
+from selfsup.pretrain.data.datasets import IMAGE_SUFFIXES
+from selfsup.pretrain.data.shards import FORMAT, MANIFEST, ShardOptions
 
 CACHE_ENV = "SELFSUP_CACHE"
 DEFAULT_SIZE = 64  # stored side when neither data.folder_size nor augment.size says
@@ -97,10 +97,10 @@ def resolve_image_folders(cfg) -> None:
 
 
 def _write(folder: Path, final: Path, size: int, on_bad_image: str, progress: bool, log: Callable[[str], None]) -> None:
-    from selfsup.pretrain.datasets import DatasetError
-    from selfsup.pretrain.folders import image_folder
-    from selfsup.pretrain.import_parallel import ImportPlan, available_cores, import_source
-    from selfsup.pretrain.shards import ShardWriteError
+    from selfsup.pretrain.data.datasets import DatasetError
+    from selfsup.pretrain.data.folders import image_folder
+    from selfsup.pretrain.data.import_parallel import ImportPlan, available_cores, import_source
+    from selfsup.pretrain.data.shards import ShardWriteError
 
     final.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().split(".")[0]

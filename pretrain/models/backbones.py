@@ -12,15 +12,37 @@ or ``cifar_s2`` (3x3 stride 2, 4x cheaper, what the CPU demo uses).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from selfsup.config import ModelConfig
+from selfsup.pretrain.models.base import Backbone
+from selfsup.pretrain.models.vit import VIT_PRESETS, build_vit
 
 STEMS = ("imagenet", "cifar", "cifar_s2")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet_small"  # resnet_small | resnet18 | resnet34 | resnet50 | vit_micro | vit_tiny | vit_small | vit_base
+    stem: str = "cifar"  # imagenet (7x7/2 + maxpool) | cifar (3x3/1) | cifar_s2 (3x3/2)
+    width: float = 1.0  # channel width multiplier (ResNets)
+    patch_size: int = 4  # ViT patch side in pixels
+
+    def check(self) -> None:
+        if self.backbone not in known_backbones():
+            kind = "ViT" if self.backbone.startswith("vit") else "backbone"
+            raise ValueError(
+                f"model.backbone: unknown {kind} '{self.backbone}' "
+                f"(known: {', '.join(known_backbones())})"
+            )
+        if self.stem not in STEMS:
+            raise ValueError(f"model.stem: '{self.stem}' is not one of {', '.join(STEMS)}")
+        if self.width <= 0:
+            raise ValueError(f"model.width: must be > 0, got {self.width}")
+        if self.patch_size < 1:
+            raise ValueError(f"model.patch_size: must be >= 1, got {self.patch_size}")
 
 
 class BasicBlock(nn.Module):
@@ -77,7 +99,7 @@ ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...], int
 }
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """torchvision-compatible ResNet trunk without ``fc``; ``forward`` returns pooled features."""
 
     def __init__(
@@ -145,16 +167,22 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(self.forward_features(x)), 1)
 
 
-def build_backbone(model_cfg: ModelConfig, in_chans: int, image_size: int) -> nn.Module:
-    """Backbone named by ``model_cfg.backbone``; ViTs come from ``selfsup.pretrain.vit``."""
-    name = model_cfg.backbone
-    if name.startswith("vit"):
-        # imported here so ResNet users do not depend on the ViT module
-        from selfsup.pretrain.vit import build_vit
+def known_backbones() -> tuple[str, ...]:
+    return (*ARCHS, *VIT_PRESETS)
 
+
+def backbone_kind(name: str) -> str:
+    """``vit`` or ``resnet``: what a method's heads or decoder can rely on."""
+    return "vit" if name in VIT_PRESETS else "resnet"
+
+
+def build_backbone(model_cfg: ModelConfig, in_chans: int, image_size: int) -> Backbone:
+    """Backbone named by ``model_cfg.backbone``; ViTs come from ``selfsup.pretrain.models.vit``."""
+    name = model_cfg.backbone
+    if name in VIT_PRESETS:
         return build_vit(model_cfg, in_chans, image_size)
     if name not in ARCHS:
-        known = ", ".join([*ARCHS, "vit_micro", "vit_tiny", "vit_small", "vit_base"])
+        known = ", ".join(known_backbones())
         raise ValueError(f"model.backbone: unknown backbone '{name}' (known: {known})")
     block, layers, base = ARCHS[name]
     return ResNet(block, layers, base, in_chans, model_cfg.stem, model_cfg.width)

@@ -35,9 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from selfsup.pretrain.datasets import DatasetError, Sample
-from selfsup.pretrain.pixel_stats import add_sums, mean_std
-from selfsup.pretrain.shards import MANIFEST, ShardOptions, ShardWriteError, temp_dir, write_shards
+from selfsup.pretrain.data.datasets import DatasetError, Sample
+from selfsup.pretrain.data.pixel_stats import add_sums, mean_std
+from selfsup.pretrain.data.shards import (
+    MANIFEST,
+    ShardOptions,
+    ShardWriteError,
+    temp_dir,
+    write_shards,
+)
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 SKIPPED = "skipped.txt"
@@ -212,7 +218,7 @@ def _finished_part(dest: Path, record: dict) -> dict | None:
             f"{dest} was written with other options ({', '.join(f'{k}: {old.get(k)!r} now {record[k]!r}' for k in diff)}); "
             "remove that folder to rewrite it, or run with the same options"
         )
-    from selfsup.pretrain.stream import ShardError, ShardSet
+    from selfsup.pretrain.data.stream import ShardError, ShardSet
 
     try:
         ShardSet.open(dest)  # every shard there with its recorded size
@@ -224,7 +230,7 @@ def _finished_part(dest: Path, record: dict) -> dict | None:
 # ------------------------------------------------------------------------------- join
 def join_parts(out: str | Path) -> dict:
     """Check the parts under ``out`` and write ``out/manifest.json`` (and ``out/skipped.txt``)."""
-    from selfsup.pretrain.stream import ShardError, ShardSet
+    from selfsup.pretrain.data.stream import ShardError, ShardSet
 
     out = Path(out)
     found = sorted(out.glob("part-*-of-*"))

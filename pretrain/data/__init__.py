@@ -1,0 +1,1 @@
+"""Data: sources (datasets.py), shard writing (shards.py) and streaming them into training (stream.py)."""

@@ -1,0 +1,2 @@
+"""Backbones: ResNets with torchvision names (backbones.py), ViTs with timm names (vit.py), both
+``Backbone`` subclasses (base.py)."""

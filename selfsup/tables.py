@@ -1,0 +1,57 @@
+"""Markdown tables of evaluation metrics (rows) by model (columns), shared by eval reports and
+export model cards, with readable metric names."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+METRIC_NAMES = {
+    "linear_top1": "Linear probe top-1 (%)",
+    "linear_top5": "Linear probe top-5 (%)",
+    "linear_weight_decay": "Linear probe weight decay (chosen on val)",
+    "linear_val_top1": "Linear probe val top-1 (%)",
+    "recall@1": "Retrieval Recall@1 (%)",
+    "recall@5": "Retrieval Recall@5 (%)",
+    "recall@10": "Retrieval Recall@10 (%)",
+    "map@r": "Retrieval mAP@R (%)",
+    "approx_recall@10": "Approximate index recall@10 vs exact (%)",
+    "anomaly_knn_auroc": "Anomaly AUROC, kNN distance (mean over held-out classes)",
+    "feature_dim": "Feature dimension",
+}
+
+
+def metric_name(key: str) -> str:
+    """Readable name of a metric key (kNN keys are parametrised by k)."""
+    if key in METRIC_NAMES:
+        return METRIC_NAMES[key]
+    if key.startswith("knn_top"):
+        top, k = key[len("knn_top"):].split("_k")
+        return f"kNN top-{top}, k={k} (%)"
+    return key
+
+
+def fmt_value(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
+            return f"{v:.0e}"
+        return f"{v:.3f}" if abs(v) <= 1 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(models: dict[str, dict[str, float]]) -> str:
+    """Rows = metrics (in first-seen order), columns = models; a missing value shows as '–'."""
+    keys: list[str] = []
+    for metrics in models.values():
+        keys += [k for k in metrics if k not in keys]
+    names = list(models)
+    lines = [
+        "| Metric | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for k in keys:
+        cells = [fmt_value(models[n].get(k)) for n in names]
+        lines.append(f"| {metric_name(k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
