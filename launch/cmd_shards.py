@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   selfsup shards --source fashion-mnist --path /usr/share/datasets/fashion-mnist --split test --out data/fm-test
   selfsup shards --source cifar --path ~/cifar-10-batches-py --out data/c10-train --encoding png
   selfsup shards --source folder --path ~/images --size 96 --out data/imgs --max-mb 256
-  selfsup shards --source shapes --count 100000 --size 32 --out data/shapes-train
+  selfsup shards --source shapes --count 100000 --size 32 --out data/shapes-train   (records factors)
   selfsup shards --verify data/fmnist-train        # re-check sizes and sha256 of an existing set
 """
 
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             samples_per_shard=args.per_shard, max_bytes=int(args.max_mb * 2**20),
             overwrite=args.overwrite, progress=not args.quiet,
         )
-        m = write_shards(samples, args.out, src.classes, opts, total=len(src), source=f"{args.source}:{args.path or ''}")
+        m = write_shards(samples, args.out, src.classes, opts, total=len(src), source=f"{args.source}:{args.path or ''}",
+                         factors=getattr(src, "factor_specs", None))
     except (DatasetError, ShardWriteError, ShardError) as e:
         print(f"error: {e}")
         return 2

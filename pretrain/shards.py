@@ -1,7 +1,8 @@
 """Write a dataset once into WebDataset tar shards plus a ``manifest.json``.
 
 Each sample is ``<key>.<ext>`` (the image: ``u8`` raw bytes, ``png`` or ``jpg``) and ``<key>.cls``
-(the integer label as text). The manifest records everything a reader must verify before
+(the integer label as text), plus ``<key>.factors.json`` when the set carries generating factors
+(format: ``selfsup.pretrain.factors``). The manifest records everything a reader must verify before
 trusting the set: per-shard sample counts and sha256, total, classes, image shape, encoding,
 split, and per-channel mean/std (used for normalisation). Output is byte-for-byte deterministic
 for the same input, seed and options (fixed tar mtime, seeded sample order).
@@ -23,6 +24,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from selfsup.pretrain.datasets import Sample
+from selfsup.pretrain.factors import (
+    FACTORS_EXT,
+    FactorError,
+    FactorSpec,
+    check_specs,
+    encode_factors,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "selfsup-shards/1"
@@ -81,8 +89,12 @@ def write_shards(
     options: ShardOptions | None = None,
     total: int | None = None,
     source: str = "",
+    factors: list[FactorSpec | dict] | None = None,
 ) -> dict:
     """Write ``samples`` (in the given order) as shards under ``out_dir``; return the manifest.
+
+    ``factors``: specs of the generating factors every sample carries in ``Sample.factors``
+    (recorded in the manifest and as ``<key>.factors.json``); None writes no factors.
 
     Writes into a hidden temporary folder first and moves the finished shards and manifest into
     place at the end, so an interrupted write never leaves a set that looks complete.
@@ -103,6 +115,10 @@ def write_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     ext = ENCODINGS[opt.encoding]
+    try:
+        specs = check_specs(factors, "write_shards(factors=...)") if factors is not None else None
+    except FactorError as e:
+        raise ShardWriteError(str(e)) from e
 
     shards: list[dict] = []
     writer: wds.TarWriter | None = None
@@ -130,7 +146,13 @@ def write_shards(
             raise ShardWriteError(f"sample {s.key}: shape {img.shape} differs from the first sample's {shape}")
         payload = encode_image(img, opt.encoding, opt.jpeg_quality)
         label = str(int(s.label))
-        size = _tar_member_bytes(len(payload)) + _tar_member_bytes(len(label))
+        member = {"__key__": s.key, ext: payload, "cls": label}
+        if specs is not None:
+            try:
+                member[FACTORS_EXT] = encode_factors(s.factors, specs, s.key)
+            except FactorError as e:
+                raise ShardWriteError(str(e)) from e
+        size = sum(_tar_member_bytes(len(v)) for k, v in member.items() if k != "__key__")
         full = count >= opt.samples_per_shard or (opt.max_bytes and count and nbytes + size > opt.max_bytes)
         if writer is None or full:
             close()
@@ -138,7 +160,7 @@ def write_shards(
             shards.append({"file": fname, "num_samples": 0})
             writer = wds.TarWriter(str(tmp / fname), mtime=0, user="selfsup", group="selfsup")
             count = nbytes = 0
-        writer.write({"__key__": s.key, ext: payload, "cls": label})
+        writer.write(member)
         count += 1
         nbytes += size
         shards[-1]["num_samples"] = count
@@ -175,6 +197,8 @@ def write_shards(
         "std": [round(float(s), 6) for s in std],
         "shards": shards,
     }
+    if specs is not None:
+        manifest["factors"] = [f.to_json() for f in specs]
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (tmp / MANIFEST).replace(out / MANIFEST)
     tmp.rmdir()

@@ -390,13 +390,21 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def load_arrays(shardset: ShardSet, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The whole set in memory, in manifest order: (uint8 [N,C,H,W], int64 [N], keys)."""
+def load_arrays(shardset: ShardSet, batch_size: int = 4096, factors: bool = False) -> tuple:
+    """The whole set in memory, in manifest order: (uint8 [N,C,H,W], int64 [N], keys), and with
+    ``factors=True`` also the generating factors, float64 [N, F] (``selfsup.pretrain.factors``)."""
     stream = ShardStream(shardset, batch_size, shuffle=False, drop_last=False, max_corrupt_fraction=0.0)
     images, labels, keys = [], [], []
     for b in stream:
         images.append(b["images"])
         labels.append(b["labels"])
         keys.extend(b["keys"])
-    return torch.cat(images), torch.cat(labels), keys
+    if not factors:
+        return torch.cat(images), torch.cat(labels), keys
+    from selfsup.pretrain.factors import FactorError, load_factors
+
+    values, fkeys = load_factors(shardset)
+    if fkeys != keys:
+        raise FactorError(f"{shardset.base}: factors and images are not in the same sample order")
+    return torch.cat(images), torch.cat(labels), keys, values
 
