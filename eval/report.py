@@ -30,6 +30,10 @@ def metric_name(key: str) -> str:
     """Readable name of a metric key (kNN keys are parametrised by k)."""
     if key in METRIC_NAMES:
         return METRIC_NAMES[key]
+    from selfsup.eval.properties_report import property_name
+
+    if property_name(key):
+        return property_name(key)
     if key.startswith("knn_top"):
         top, k = key[len("knn_top"):].split("_k")
         return f"kNN top-{top}, k={k} (%)"
@@ -76,6 +80,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                 value = ", ".join(map(str, value))
             parts.append(f"- **{label}:** {value}")
     parts += ["", markdown_table(report["models"]), ""]
+    if report.get("properties"):
+        from selfsup.eval.properties_report import render_properties
+
+        parts += render_properties(report["properties"])
     per_class = report.get("anomaly_per_class", {})
     if per_class:
         parts += ["## Anomaly AUROC per held-out class", ""]

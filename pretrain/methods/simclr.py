@@ -31,6 +31,7 @@ does, at the same peak activation memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.pretrain.backbones import build_backbone
-from selfsup.pretrain.distributed import all_gather_grad, get_rank
+from selfsup.pretrain.distributed import all_gather_grad, get_rank, get_world_size
 
 if TYPE_CHECKING:
     from selfsup.config import Config
@@ -243,6 +244,8 @@ class SimCLR(nn.Module):
         with torch.no_grad():
             pos_sim = F.cosine_similarity(z1.float(), z2.float(), dim=1).mean()
         logs = {"loss": out.loss.item(), "acc": out.acc.item(), "pos_sim": pos_sim.item()}
+        # InfoNCE bound on I(view1; view2) in nats: log(candidates per anchor) - loss, 2N - 1 keys
+        logs["infonce_mi_bound"] = math.log(2 * z1.shape[0] * get_world_size() - 1) - logs["loss"]
         return out.loss, logs
 
     def forward(
