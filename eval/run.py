@@ -346,7 +346,7 @@ def run_eval(
         timings["plot"] = time.perf_counter() - t
     properties = None
     if "properties" in opts.protocols:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         from selfsup.eval.properties import run_properties
 
         nets = {"pretrained": backbone, "random_init": rand if "random_init" in feats else None}
@@ -357,6 +357,7 @@ def run_eval(
         figures.append(properties["figure"])
         notes += properties["notes"]
         timings["properties"] = time.perf_counter() - t
+        timings["properties_cpu"] = time.process_time() - cpu  # all threads: load-independent-ish
     timings["total"] = time.perf_counter() - t0
 
     report = {
