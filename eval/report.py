@@ -27,6 +27,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                 value = ", ".join(map(str, value))
             parts.append(f"- **{label}:** {value}")
     parts += ["", markdown_table(report["models"]), ""]
+    if report.get("properties"):
+        from selfsup.eval.properties_report import render_properties
+
+        parts += render_properties(report["properties"])
     per_class = report.get("anomaly_per_class", {})
     if per_class:
         parts += ["## Anomaly AUROC per held-out class", ""]

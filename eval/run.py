@@ -39,7 +39,8 @@ from selfsup.pretrain.models.backbones import build_backbone
 from selfsup.pretrain.models.base import Backbone
 from selfsup.pretrain.rundir import Resolved
 
-PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
+DEFAULT_PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
+PROTOCOLS = (*DEFAULT_PROTOCOLS, "properties")  # properties needs shards with factors
 BASELINES = ("raw_pixels", "random_init")
 RAW_PIXEL_DIMS = 4096
 
@@ -50,7 +51,7 @@ class EvalError(ValueError):
 
 @dataclass
 class EvalOptions:
-    protocols: Sequence[str] = PROTOCOLS
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS
     baselines: Sequence[str] = BASELINES
     knn_k: Sequence[int] = (20, 200)
     temperature: float = 0.07
@@ -256,6 +257,15 @@ def run_eval(
     test = load_labelled(test_shards, "test")
     for data, what in ((train, "train"), (test, "test")):
         check_compatible(data, info, what, opts.resize)
+    if "properties" in opts.protocols:  # before any feature is extracted: no factors, no run
+        from selfsup.eval.properties import load_factor_data
+        from selfsup.pretrain.data.factors import FactorError
+
+        try:
+            factor_data = load_factor_data(train.path, train.keys, train.labels, test.path,
+                                           test.keys, test.labels)
+        except FactorError as e:
+            raise EvalError(f"properties protocol: {e}") from e
     if test.labels.unique().numel() < 2:
         raise EvalError(
             f"single-class test set: {test.path} holds only class "
@@ -325,6 +335,20 @@ def run_eval(
                               f"test set, {opts.plot.upper()} of frozen features")
         figures.append(png.name)
         timings["plot"] = time.perf_counter() - t
+    properties = None
+    if "properties" in opts.protocols:
+        t, cpu = time.perf_counter(), time.process_time()
+        from selfsup.eval.properties import run_properties
+
+        nets = {"pretrained": backbone, "random_init": rand if "random_init" in feats else None}
+        properties = run_properties(feats, factor_data, nets, test.images, info, out, opts.seed,
+                                    opts.device, where.run_dir, RAW_PIXEL_DIMS)
+        for name, summary in properties["summary"].items():
+            models[name].update(summary)
+        figures.append(properties["figure"])
+        notes += properties["notes"]
+        timings["properties"] = time.perf_counter() - t
+        timings["properties_cpu"] = time.process_time() - cpu  # all threads: load-independent-ish
     timings["total"] = time.perf_counter() - t0
 
     report = {
@@ -341,5 +365,7 @@ def run_eval(
         "anomaly_per_class": {m: {s: {str(c): v for c, v in d.items()} for s, d in per.items()}
                               for m, per in anomaly_per_class.items()},
     }
+    if properties is not None:
+        report["properties"] = {"models": properties["models"]}
     write_report(report, out)
     return report

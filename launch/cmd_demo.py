@@ -2,7 +2,9 @@
 
 embedded Fashion-MNIST subset -> shards -> SimCLR pretraining (small ResNet; one process per GPU,
 else 2 CPU processes when the machine has >= 2 cores) -> views grid -> evaluation (linear probe,
-kNN, retrieval, anomaly AUROC, 2-D plot, raw-pixel and random-init baselines) -> export.
+kNN, retrieval, anomaly AUROC, 2-D plot, raw-pixel and random-init baselines; plus the properties
+protocol when the shards carry generating factors) -> export. Shards already in ``<out>/data/train``
+and ``<out>/data/test`` are used as they are, e.g. ``selfsup shards --source shapes`` sets.
 
 Every step runs as a subprocess of the same Python (``python -m selfsup.launch.cli <cmd>``, or
 ``torch.distributed.run`` for several training processes), so the demo exercises exactly what a
@@ -161,6 +163,14 @@ def summary_table(report: dict) -> str:
     return markdown_table(models)
 
 
+def eval_protocols(train_shards: Path) -> str:
+    """The eval's default protocols, plus ``properties`` when the shards record factors."""
+    from selfsup.eval.run import DEFAULT_PROTOCOLS
+
+    manifest = json.loads((train_shards / "manifest.json").read_text())
+    return ",".join((*DEFAULT_PROTOCOLS, "properties") if "factors" in manifest else DEFAULT_PROTOCOLS)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse to mix a new demo with an old one unless asked; shards are reused (deterministic)."""
     previous = [out / "run", out / "export", out / "views.png"]
@@ -248,7 +258,7 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
     run_step(
         Step("evaluate (pretrained vs raw pixels vs random init)",
              [*CLI, "eval", "--checkpoint", str(run_dir), "--train-shards", str(train_shards),
-              "--test-shards", str(test_shards)])
+              "--test-shards", str(test_shards), "--protocols", eval_protocols(train_shards)])
     )  # fmt: skip
     run_step(Step("export", [*CLI, "export", "--run", str(run_dir), "--out", str(out / "export")]))
     return run_dir, run_dir / "eval" / "report.json"

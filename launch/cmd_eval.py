@@ -16,6 +16,11 @@ protocols (all on frozen features; the backbone is never trained here):
   anomaly    each class in turn held out of the reference set: AUROC of the kNN distance, and of
              the reconstruction error for autoencoder runs (MAE/DAE run directories)
   plot       2-D embedding of the test features coloured by class (PCA; --plot tsne|umap)
+  properties (not in the default set; needs shards with factors, e.g. selfsup shards --source
+             shapes) disentanglement (DCI, MIG, latent correlation and total correlation),
+             sufficiency (linear-probe lower bound on I(y;z) in nats per class and factor),
+             invariance to crop/flip/jitter/grayscale/blur/noise/rotation/translation, and the
+             InfoNCE bound from the run's metrics.jsonl; heat map properties_importance.png
 
 every protocol also runs on raw pixels and on the same backbone at random initialisation, so the
 report shows what pretraining bought. Output: <out>/report.md, report.json, embedding_*.png.
@@ -41,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="report folder (default: <run dir>/eval, or <export>/eval)")
     parser.add_argument("--protocols", default="linear,knn,retrieval,anomaly,plot",
-                        help="comma-separated subset of linear,knn,retrieval,anomaly,plot "
-                        "(default: all)")
+                        help="comma-separated subset of linear,knn,retrieval,anomaly,plot,"
+                        "properties (default: all but properties)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the raw-pixel and random-init columns (faster)")
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200],

@@ -38,7 +38,7 @@ built-in and downloaded sets:
   selfsup shards --source embedded --split train --out data/fmnist-train
   selfsup shards --source fashion-mnist --path /usr/share/datasets/fashion-mnist --split test --out data/fm-test
   selfsup shards --source cifar --path ~/cifar-10-batches-py --out data/c10-train --encoding png
-  selfsup shards --source shapes --count 100000 --size 32 --out data/shapes-train
+  selfsup shards --source shapes --count 100000 --size 32 --out data/shapes-train   (records factors)
   selfsup shards --verify data/fmnist-train        # re-check sizes and sha256 of an existing set
 
 Images are converted as a viewer shows them (EXIF rotation applied, transparency on white, CMYK

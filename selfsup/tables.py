@@ -21,10 +21,35 @@ METRIC_NAMES = {
 }
 
 
+PROPERTY_NAMES = {
+    "dci_disentanglement": "DCI disentanglement [0, 1]",
+    "dci_completeness": "DCI completeness [0, 1]",
+    "dci_informativeness": "DCI informativeness (0 = chance, 1 = perfect)",
+    "mig": "MIG (mutual information gap / H(factor))",
+    "latent_mean_abs_corr": "Latent dims: mean absolute correlation",
+    "latent_total_correlation": "Latent dims: Gaussian total correlation (nats)",
+    "suff_class": "Sufficiency: I(class; z) lower bound (nats)",
+    "suff_factors_mean": "Sufficiency: I(factor; z) lower bound, mean over factors (nats)",
+    "inv_mean": "Invariance: normalised change, mean over transforms (0 = invariant)",
+    "infonce_mi_bound": "InfoNCE bound log(2N−1) − L at the end of training (nats)",
+    "infonce_ceiling": "InfoNCE ceiling log(2N−1) (nats)",
+}
+
+
+def property_name(key: str) -> str | None:
+    if key in PROPERTY_NAMES:
+        return PROPERTY_NAMES[key]
+    if key.startswith("inv_"):
+        return f"Invariance to {key[4:]}: normalised change"
+    return None
+
+
 def metric_name(key: str) -> str:
     """Readable name of a metric key (kNN keys are parametrised by k)."""
     if key in METRIC_NAMES:
         return METRIC_NAMES[key]
+    if property_name(key):
+        return property_name(key)
     if key.startswith("knn_top"):
         top, k = key[len("knn_top"):].split("_k")
         return f"kNN top-{top}, k={k} (%)"

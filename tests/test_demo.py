@@ -86,3 +86,15 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
 
     for path in (out / "views.png", run_dir / "eval" / "report.json", export):
         assert str(path) in proc.stdout, f"demo did not print {path}"
+
+
+def test_demo_adds_the_properties_protocol_when_its_shards_carry_factors(tmp_path):
+    from selfsup.launch.cmd_demo import eval_protocols
+    from selfsup.pretrain.data.datasets import shapes
+    from selfsup.pretrain.data.shards import ShardOptions, write_shards
+
+    src = shapes(20, size=8)
+    write_shards(iter(src), tmp_path / "f", src.classes, ShardOptions(progress=False), factors=src.factor_specs)
+    write_shards(iter(src), tmp_path / "p", src.classes, ShardOptions(progress=False))
+    assert eval_protocols(tmp_path / "f") == "linear,knn,retrieval,anomaly,plot,properties"
+    assert eval_protocols(tmp_path / "p") == "linear,knn,retrieval,anomaly,plot"

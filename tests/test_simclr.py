@@ -10,6 +10,7 @@ different functions whatever the gather does (SyncBatchNorm would be needed, and
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -274,8 +275,9 @@ def test_forward_on_uint8_images_trains_every_parameter() -> None:
     model = build_method(_config(chunk=5), INFO)
     images = torch.randint(0, 256, (6, 1, SIDE, SIDE), dtype=torch.uint8)
     loss, logs = model(images)
-    assert set(logs) == {"loss", "acc", "pos_sim"}
+    assert set(logs) == {"loss", "acc", "pos_sim", "infonce_mi_bound"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in logs.values())  # no host sync
+    assert float(logs["infonce_mi_bound"]) == pytest.approx(math.log(2 * 6 - 1) - float(logs["loss"]))
     assert torch.isfinite(loss) and loss.item() == pytest.approx(float(logs["loss"]))
     assert 0.0 <= logs["acc"] <= 1.0 and -1.0 <= logs["pos_sim"] <= 1.0
     loss.backward()

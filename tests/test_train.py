@@ -66,6 +66,10 @@ def test_short_simclr_run_lowers_loss_and_logs(tmp_path: Path, embedded_shards: 
     assert [row["step"] for row in rows] == list(range(5, 61, 5))
     first, last = np.mean([r["loss"] for r in rows[:2]]), np.mean([r["loss"] for r in rows[-2:]])
     assert last < first - 0.3, (first, last)
+    # InfoNCE MI bound log(2N - 1) - L, N = 128 images: never above its ceiling, rising as it learns
+    bound = [r["infonce_mi_bound"] for r in rows]
+    assert all(b <= np.log(2 * 128 - 1) for b in bound) and np.mean(bound[-2:]) > np.mean(bound[:2]) + 0.3
+    assert all(r["infonce_mi_bound"] == pytest.approx(np.log(255) - r["loss"], abs=1e-5) for r in rows)
     assert all(0 <= row["data_wait"] <= 1 and row["img_per_s"] > 0 and row["corrupt"] == 0 for row in rows)
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine has annealed
     offline = list((run / "wandb").glob("offline-run-*"))

@@ -9,6 +9,7 @@ demo and tests need no network and no apt.
 
 from __future__ import annotations
 
+import colorsys
 import gzip
 import pickle
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from selfsup.pretrain.data.factors import FactorSpec
 
 FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -35,22 +38,27 @@ class Sample:
     image: np.ndarray  # uint8 [H, W, C]
     label: int
     key: str
+    factors: np.ndarray | None = None  # generating factors [F] (see selfsup.pretrain.data.factors)
 
 
 @dataclass
 class ArraySource:
-    """An in-memory dataset: uint8 images ``[N, H, W, C]`` and integer labels."""
+    """An in-memory dataset: uint8 images ``[N, H, W, C]``, integer labels and, optionally,
+    generating factors ``[N, F]`` described by ``factor_specs``."""
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    factors: np.ndarray | None = None
+    factor_specs: list[FactorSpec] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def sample(self, i: int) -> Sample:
-        return Sample(self.images[i], int(self.labels[i]), f"{self.name}-{i:08d}")
+        fac = None if self.factors is None else self.factors[i]
+        return Sample(self.images[i], int(self.labels[i]), f"{self.name}-{i:08d}", fac)
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self.images)):
@@ -176,28 +184,51 @@ def cifar(root: str | Path, split: str = "train") -> ArraySource:
 
 # --------------------------------------------------------------------------- procedural shapes
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "star"]
+# The factors shapes() records per image, in this order. Not recorded (also drawn, also nuisances):
+# the two background colours, the texture's phase and stripe angle, the shape colour's saturation
+# and value, and the pixel noise. Rotation is invisible for circle and ring and periodic (2π/4 for
+# square and cross, 2π/5 for star), as dSprites' orientation is for its symmetric shapes.
+SHAPE_FACTORS = [
+    FactorSpec("shape", "discrete", tuple(SHAPES)),
+    FactorSpec("hue", "continuous", low=0.0, high=1.0, period=1.0),  # HSV hue of the shape colour
+    FactorSpec("x", "continuous", low=0.3, high=0.7),  # centre, fraction of the width
+    FactorSpec("y", "continuous", low=0.3, high=0.7),
+    FactorSpec("scale", "continuous", low=0.15, high=0.3),  # size, fraction of the side
+    FactorSpec("rotation", "continuous", low=0.0, high=2 * np.pi, period=2 * np.pi),
+    FactorSpec("background", "discrete", ("stripes", "checker")),  # texture kind
+    FactorSpec("frequency", "continuous", low=2.0, high=8.0),  # texture frequency, cycles/side
+]
 
 
 def shapes(n: int, size: int = 32, seed: int = 0, name: str = "shapes") -> ArraySource:
     """Procedural RGB images: label = shape; nuisances = colour, position, scale, rotation and a
-    textured background, all drawn from ``seed``. Our RGB dataset of any size and resolution."""
+    textured background, all drawn from ``seed``. Our RGB dataset of any size and resolution.
+    The generating factors (``SHAPE_FACTORS``) of each image are kept in ``factors`` [N, 8]."""
     if n <= 0 or size < 8:
         raise DatasetError(f"shapes needs n > 0 and size >= 8, got n={n}, size={size}")
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, len(SHAPES), n)
+    factors = np.empty((n, len(SHAPE_FACTORS)), dtype=np.float64)
     for i in range(n):
-        images[i] = _draw_shape(rng, int(labels[i]), xx, yy)
-    return ArraySource(name, images, labels.astype(np.int64), list(SHAPES))
+        drawn: dict[str, float] = {}
+        images[i] = _draw_shape(rng, int(labels[i]), xx, yy, drawn)
+        factors[i] = [drawn[f.name] for f in SHAPE_FACTORS]
+    return ArraySource(name, images, labels.astype(np.int64), list(SHAPES), factors, list(SHAPE_FACTORS))
 
 
-def _draw_shape(rng: np.random.Generator, label: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _draw_shape(
+    rng: np.random.Generator, label: int, xx: np.ndarray, yy: np.ndarray, drawn: dict | None = None
+) -> np.ndarray:
+    """One image; ``drawn`` (if given) receives the SHAPE_FACTORS values. Recording them draws
+    nothing from ``rng``, so the images are the same with or without it."""
     # background: two random colours mixed by a random stripe/checker texture
     c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
     freq, phase = rng.uniform(2, 8), rng.uniform(0, 2 * np.pi)
     theta_bg = rng.uniform(0, np.pi)
-    if rng.random() < 0.5:
+    stripes = rng.random() < 0.5
+    if stripes:
         tex = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(theta_bg) + yy * np.sin(theta_bg)) + phase)
     else:
         tex = ((np.floor(xx * freq) + np.floor(yy * freq)) % 2).astype(np.float32)
@@ -223,6 +254,9 @@ def _draw_shape(rng: np.random.Generator, label: int, xx: np.ndarray, yy: np.nda
     else:  # star: radius modulated by angle
         mask = r < 0.55 + 0.45 * np.cos(5 * np.arctan2(v, u))
     colour = rng.uniform(0.3, 1, 3)
+    if drawn is not None:
+        drawn.update(shape=label, hue=colorsys.rgb_to_hsv(*colour)[0], x=cx, y=cy, scale=scale,
+                     rotation=rot, background=0 if stripes else 1, frequency=freq)
     img = np.where(mask[..., None], colour, img)
     img = img + rng.normal(0, 0.03, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)

@@ -184,7 +184,8 @@ def import_source(src, out: str | Path, options: ShardOptions, plan: ImportPlan,
         return {"skipped": len(skipped), "import": record}
 
     try:
-        manifest = write_shards(samples(), dest, src.classes, opts, total=hi - lo, source=source, extra=extra)
+        manifest = write_shards(samples(), dest, src.classes, opts, total=hi - lo, source=source, extra=extra,
+                                factors=getattr(src, "factor_specs", None))
     except BaseException:
         shutil.rmtree(temp_dir(dest, opts.name), ignore_errors=True)
         raise

@@ -2,7 +2,8 @@
 
 Each sample is ``<key>.<ext>`` (the image: ``u8`` raw bytes, ``png`` or ``jpg``) and ``<key>.cls``
 (the integer label as text; absent in an unlabelled set, whose manifest says ``"labelled": false``
-and lists no classes). The manifest records everything a reader must verify before trusting the
+and lists no classes), plus ``<key>.factors.json`` when the set carries generating factors (format:
+``selfsup.pretrain.data.factors``). The manifest records everything a reader must verify before trusting the
 set: per-shard sample counts and sha256, total, classes, image shape, encoding, split, and
 per-channel mean/std (used for normalisation) with the exact integer pixel sums behind them.
 Output is byte-for-byte deterministic for the same input, seed and options (fixed tar mtime,
@@ -24,6 +25,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from selfsup.pretrain.data.datasets import Sample
+from selfsup.pretrain.data.factors import (
+    FACTORS_EXT,
+    FactorError,
+    FactorSpec,
+    check_specs,
+    encode_factors,
+)
 from selfsup.pretrain.data.pixel_stats import PixelSums, mean_std
 from selfsup.pretrain.data.tar_writer import TarWriter
 
@@ -90,11 +98,14 @@ def write_shards(
     total: int | None = None,
     source: str = "",
     extra: Callable[[], dict] | None = None,
+    factors: list[FactorSpec | dict] | None = None,
 ) -> dict:
     """Write ``samples`` (in the given order) as shards under ``out_dir``; return the manifest.
 
     ``classes`` empty means an unlabelled set: every sample's label must then be -1 and no ``cls``
     member is written. ``extra`` is called after the last sample; its items go into the manifest.
+    ``factors``: specs of the generating factors every sample carries in ``Sample.factors``
+    (recorded in the manifest and as ``<key>.factors.json``); None writes no factors.
     Writes into a hidden temporary folder first and moves the finished shards and manifest into
     place at the end, so an interrupted write never leaves a set that looks complete.
     """
@@ -115,6 +126,10 @@ def write_shards(
     tmp.mkdir()
     ext = ENCODINGS[opt.encoding]
     labelled = bool(classes)
+    try:
+        specs = check_specs(factors, "write_shards(factors=...)") if factors is not None else None
+    except FactorError as e:
+        raise ShardWriteError(str(e)) from e
 
     shards: list[dict] = []
     writer: TarWriter | None = None
@@ -143,6 +158,11 @@ def write_shards(
             raise ShardWriteError(f"sample {s.key}: label {s.label} in a set with {len(classes)} classes")
         payload = encode_image(img, opt.encoding, opt.jpeg_quality)
         record = {"__key__": s.key, ext: payload, **({"cls": str(int(s.label))} if labelled else {})}
+        if specs is not None:
+            try:
+                record[FACTORS_EXT] = encode_factors(s.factors, specs, s.key)
+            except FactorError as e:
+                raise ShardWriteError(str(e)) from e
         size = sum(_tar_member_bytes(len(v)) for k, v in record.items() if k != "__key__")
         full = count >= opt.samples_per_shard or (opt.max_bytes and count and nbytes + size > opt.max_bytes)
         if writer is None or full:
@@ -189,6 +209,8 @@ def write_shards(
         "shards": shards,
         **(extra() if extra else {}),
     }
+    if specs is not None:
+        manifest["factors"] = [f.to_json() for f in specs]
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (tmp / MANIFEST).replace(out / MANIFEST)
     tmp.rmdir()

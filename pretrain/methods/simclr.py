@@ -31,6 +31,7 @@ does, at the same peak activation memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from selfsup.augment.views import Views
 from selfsup.data_info import DataInfo
-from selfsup.pretrain.distributed import all_gather_grad, get_rank
+from selfsup.pretrain.distributed import all_gather_grad, get_rank, get_world_size
 from selfsup.pretrain.methods.base import Logs, Method, StepContext
 from selfsup.pretrain.methods.registry import register_method
 
@@ -240,7 +241,10 @@ class SimCLR(Method):
         out = info_nce(z1, z2, self.cfg.temperature, chunk=self.cfg.loss_chunk)
         with torch.no_grad():
             pos_sim = F.cosine_similarity(z1.float(), z2.float(), dim=1).mean()
-        return out.loss, {"loss": out.loss.detach(), "acc": out.acc.detach(), "pos_sim": pos_sim}
+        logs = {"loss": out.loss.detach(), "acc": out.acc.detach(), "pos_sim": pos_sim}
+        # InfoNCE bound on I(view1; view2) in nats: log(candidates per anchor) - loss, 2N - 1 keys
+        logs["infonce_mi_bound"] = math.log(2 * z1.shape[0] * get_world_size() - 1) - out.loss.detach()
+        return out.loss, logs
 
     def forward(self, images: Tensor, *, embed_only: bool = False) -> tuple[Tensor, Logs] | Tensor:
         """``(loss, logs)`` for a uint8 batch; with ``embed_only`` the projections of float

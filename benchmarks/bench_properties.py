@@ -1,0 +1,163 @@
+"""Every method for the same short CPU budget on shapes shards: class accuracy and the three
+properties of its representation, beside raw pixels and random init, in one table.
+
+Each method is trained with its own CPU recipe (``METHODS``: config + the overrides the 32x32 RGB
+shapes need) through the real commands a user types, exactly as ``selfsup demo --minutes M``
+sizes a run: a short calibration run measures this machine's speed, then ``train.max_steps`` is
+set so the run (and its learning-rate schedule) ends inside ``--minutes``. Then
+``selfsup eval --protocols linear,knn,properties`` scores the run against raw pixels and the same
+architecture at random init. Rows: one per method, raw pixels (the same for all methods), and one
+random init per architecture.
+
+    .venv/bin/python benchmarks/bench_properties.py --minutes 1.5          # ~4 min per method
+    .venv/bin/python benchmarks/bench_properties.py --methods simclr --minutes 5 --keep runs/props
+
+A new method (BYOL, SimSiam, an autoencoder variant) is one more ``METHODS`` entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# method -> (recipe, overrides for 32x32 RGB shapes). The recipes are sized for 28x28 gray
+# Fashion-MNIST; MAE's patch 7 does not divide 32, patch 8 keeps its 4x4 = 16 patches.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "simclr": ("configs/simclr_demo.yaml", []),
+    "dae": ("configs/dae_resnet_small_fmnist.yaml", []),
+    "mae": ("configs/mae_vit_micro_fmnist_cpu.yaml", ["model.patch_size=8"]),
+}
+COLUMNS = [  # (report key, header, format)
+    ("linear_top1", "lin top-1 %", "{:.1f}"),
+    ("knn_top1_k20", "kNN@20 %", "{:.1f}"),
+    ("dci_disentanglement", "DCI-D", "{:.3f}"),
+    ("dci_completeness", "DCI-C", "{:.3f}"),
+    ("dci_informativeness", "DCI-I", "{:.3f}"),
+    ("mig", "MIG", "{:.3f}"),
+    ("latent_mean_abs_corr", "|corr|", "{:.3f}"),
+    ("latent_total_correlation", "TC nats", "{:.2f}"),
+    ("suff_class", "I(class) ≥", "{:.3f}"),
+    ("suff_factors_mean", "I(factor) ≥", "{:.3f}"),
+    ("inv_mean", "inv mean", "{:.3f}"),
+    ("inv_crop", "inv crop", "{:.3f}"),
+    ("inv_jitter", "inv jitter", "{:.3f}"),
+    ("inv_noise", "inv noise", "{:.3f}"),
+    ("infonce_mi_bound", "InfoNCE ≥", "{:.2f}"),
+]
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    t = time.perf_counter()
+    print(f"$ {' '.join(cmd[1:]) if cmd[0] == sys.executable else ' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def train_and_eval(method: str, data: Path, work: Path, minutes: float, processes: int) -> dict:
+    from selfsup.launch.cmd_demo import (
+        CALIBRATION_LOG_EVERY,
+        CALIBRATION_STEPS,
+        measured_images_per_s,
+        pretrain_step,
+    )
+
+    config, extra = METHODS[method]
+    common = ["--config", config, f"data.train={data / 'train'}", f"data.test={data / 'test'}",
+              "log.wandb=off", "log.progress=false", "train.checkpoint_every=0", *extra]
+    calib = work / f"{method}-calibration"
+    step = pretrain_step("calibrate", processes, [*common, f"run_dir={calib}",
+                                                  f"train.max_steps={CALIBRATION_STEPS}",
+                                                  f"train.log_every={CALIBRATION_LOG_EVERY}"])
+    run(step.command, step.env)
+    speed = measured_images_per_s(calib / "metrics.jsonl")
+    batch = yaml.safe_load((calib / "config.yaml").read_text())["data"]["batch_size"]
+    shutil.rmtree(calib)
+    steps = max(1, round(minutes * 60 * speed / batch))
+    run_dir = work / method
+    step = pretrain_step("pretrain", processes, [*common, f"run_dir={run_dir}", f"train.max_steps={steps}"])
+    t = time.perf_counter()
+    run(step.command, step.env)
+    train_s = time.perf_counter() - t
+    run([sys.executable, "-m", "selfsup.launch.cli", "eval", "--checkpoint", str(run_dir),
+         "--train-shards", str(data / "train"), "--test-shards", str(data / "test"),
+         "--protocols", "linear,knn,properties", "--k", "20", "--out", str(run_dir / "eval")])
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    arch = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["backbone"]
+    n_train = json.loads((data / "train" / "manifest.json").read_text())["num_samples"]
+    return {"method": method, "arch": arch, "steps": steps, "epochs": steps * batch / n_train,
+            "img_s": speed, "train_s": train_s, "models": report["models"],
+            "eval_s": report["meta"]["timings_s"]}
+
+
+def table(results: list[dict]) -> str:
+    rows: list[tuple[str, dict]] = []
+    for r in results:
+        rows.append((f"{r['method']} ({r['arch']}, {r['epochs']:.1f} ep)", r["models"]["pretrained"]))
+    rows.append(("raw pixels", results[0]["models"]["raw_pixels"]))
+    seen = set()
+    for r in results:
+        if r["arch"] not in seen and "random_init" in r["models"]:
+            seen.add(r["arch"])
+            rows.append((f"random init ({r['arch']})", r["models"]["random_init"]))
+    head = "| representation | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    lines = [head, "|---|" + "---:|" * len(COLUMNS)]
+    for name, m in rows:
+        cells = [fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "–" for k, _, fmt in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--minutes", type=float, default=1.5, help="training budget per method")
+    p.add_argument("--train", type=int, default=10000, help="shapes training images")
+    p.add_argument("--test", type=int, default=2000, help="shapes test images")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--processes", type=int, default=2, help="training processes (as the demo on 2 cores)")
+    p.add_argument("--keep", default=None, help="keep shards, runs and reports in this folder")
+    args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-props-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    for split, n in (("train", args.train), ("test", args.test)):
+        if not (data / split / "manifest.json").is_file():
+            run([sys.executable, "-m", "selfsup.launch.cli", "shards", "--source", "shapes", "--split", split,
+                 "--count", str(n), "--size", str(args.size), "--out", str(data / split), "--quiet"])
+    results = []
+    for m in methods:
+        r = train_and_eval(m, data, work, args.minutes, args.processes)
+        results.append(r)
+        print(f"  {m}: {r['steps']} steps ({r['epochs']:.1f} epochs) at {r['img_s']:.0f} img/s, "
+              f"train {r['train_s']:.0f} s, eval {r['eval_s']['total']:.0f} s "
+              f"(properties {r['eval_s'].get('properties', 0):.0f} s)", flush=True)
+    (work / "bench_properties.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nshapes {args.train}/{args.test} at {args.size}px, {args.minutes:g} min of training per "
+          f"method, {args.processes} processes; bounds in nats; invariance 0 = invariant\n")
+    print(table(results))
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; results in {work}")
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
