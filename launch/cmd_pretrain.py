@@ -62,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def default_hooks(cfg):
-    """What ``selfsup pretrain`` hands the loop: the reconstruction grid (methods that reconstruct)
-    and the periodic kNN evaluation (``eval.every_epochs`` with ``data.test``)."""
+    """What ``selfsup pretrain`` hands the loop: the reconstruction grid (methods that reconstruct),
+    the method's own pictures (``Method.pictures``/``latent``: VAE samples, latent scatter) and the
+    periodic kNN evaluation (``eval.every_epochs`` with ``data.test``)."""
     from selfsup.eval.periodic import periodic_hooks
+    from selfsup.pretrain.pictures import MethodPictures
     from selfsup.pretrain.recon import ReconstructionGrid
 
-    return [ReconstructionGrid(cfg.data.train), *periodic_hooks(cfg)]
+    pictures = MethodPictures(cfg.data.train, cfg.data.test, seed=cfg.train.seed)
+    return [ReconstructionGrid(cfg.data.train), pictures, *periodic_hooks(cfg)]
