@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   selfsup shards --source cifar --path ~/cifar-10-batches-py --out data/c10-train --encoding png
   selfsup shards --source folder --path ~/images --size 96 --out data/imgs --max-mb 256
   selfsup shards --source shapes --count 100000 --size 32 --out data/shapes-train
+  selfsup shards --source embedded --exclude-classes 8 9 --out data/normal   # anomaly detection
   selfsup shards --verify data/fmnist-train        # re-check sizes and sha256 of an existing set
 """
 
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gray", action="store_true", help="folder: store grayscale instead of RGB")
     p.add_argument("--count", type=int, default=10000, help="shapes: number of images (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="sample order (and shapes content) seed")
+    p.add_argument("--exclude-classes", type=int, nargs="+", default=[], metavar="ID",
+                   help="leave these class ids out (a 'normal classes only' set to pretrain an anomaly "
+                   "detector on; the manifest records them and eval scores them as the anomalies)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
     p.add_argument("--verify", metavar="DIR", help="only verify an existing shard set and print its manifest summary")
@@ -60,11 +64,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
         src = open_source(args.source, path=args.path, split=args.split, size=args.size,
                           mode="L" if args.gray else "RGB", count=args.count, seed=args.seed)
+        bad = [c for c in args.exclude_classes if not 0 <= c < len(src.classes)]
+        if bad:
+            raise ShardWriteError(f"--exclude-classes: {bad} are not class ids of {args.source} "
+                                  f"(0..{len(src.classes) - 1})")
         samples = iter(src) if args.no_shuffle else shuffled(src, args.seed)
         opts = ShardOptions(
             name=args.name or args.split, split=args.split, encoding=args.encoding,
             samples_per_shard=args.per_shard, max_bytes=int(args.max_mb * 2**20),
             overwrite=args.overwrite, progress=not args.quiet,
+            exclude_classes=tuple(args.exclude_classes),
         )
         m = write_shards(samples, args.out, src.classes, opts, total=len(src), source=f"{args.source}:{args.path or ''}")
     except (DatasetError, ShardWriteError, ShardError) as e:
