@@ -7,8 +7,8 @@ directory and W&B images.
   never smoothed).
 - When ``method.latent(images)`` is a 2- or 3-dimensional code, ``latent_scatter.png``: the codes
   of up to ``scatter_points`` images coloured by class (the notes' visualisation with a 2- or 3-unit
-  bottleneck). The images are the test set (``data.test``) when the run names one, else the
-  training set; the title says which.
+  bottleneck). The images are the test set (``data.test``) when the run names one that opens,
+  else the training set; the title says which.
 
 The hook knows nothing about which method runs; a method without pictures or code writes nothing.
 Pictures are drawn in eval mode with a seeded generator, so a rerun draws the same samples.
@@ -93,9 +93,20 @@ class MethodPictures(TrainHook):
         self, train_shards: str, test_shards: str = "", n: int = 8, seed: int = 0,
         scatter_points: int = 2000,
     ) -> None:
-        self.shards = test_shards or train_shards
-        self.split = "test" if test_shards else "training"
+        self.train_shards, self.test_shards = train_shards, test_shards
         self.n, self.seed, self.scatter_points = n, seed, scatter_points
+
+    def source(self) -> tuple[str, str]:
+        """(shard set, its name): the test set if it can be opened, else the training set."""
+        from selfsup.pretrain.data.stream import ShardError, ShardSet
+
+        if self.test_shards:
+            try:
+                ShardSet.open(self.test_shards)
+                return self.test_shards, "test"
+            except ShardError as e:
+                print(f"pictures: data.test unusable ({e}); using the training images", flush=True)
+        return self.train_shards, "training"
 
     def on_end(self, ctx: HookContext) -> None:
         if not ctx.is_main:
@@ -110,7 +121,8 @@ class MethodPictures(TrainHook):
 
     def _draw(self, ctx: HookContext) -> None:
         method = ctx.method
-        images, _, _ = _first(self.shards, self.n)
+        shards, split = self.source()
+        images, _, _ = _first(shards, self.n)
         images = images.to(ctx.device)
         generator = torch.Generator(device=ctx.device).manual_seed(self.seed)
         for name, grid in method.pictures(images, generator).items():
@@ -119,10 +131,10 @@ class MethodPictures(TrainHook):
         code = method.latent(images[:2])
         if code is None or code.shape[1] not in (2, 3):
             return
-        images, labels, classes = _first(self.shards, self.scatter_points)
+        images, labels, classes = _first(shards, self.scatter_points)
         codes = torch.cat([method.latent(images[i : i + 256].to(ctx.device)).float().cpu()
                            for i in range(0, images.shape[0], 256)])  # fmt: skip
-        title = f"{ctx.method.name}: {code.shape[1]}-dim codes of {len(codes)} {self.split} images"
+        title = f"{ctx.method.name}: {code.shape[1]}-dim codes of {len(codes)} {split} images"
         path = save_latent_scatter(codes.numpy(), labels.numpy(), classes,
                                    ctx.run_dir / LATENT_SCATTER_FILE, title)  # fmt: skip
         ctx.log.image("latent_scatter", path, ctx.step)
