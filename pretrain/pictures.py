@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from selfsup.pretrain.hooks import HookContext, TrainHook
+from selfsup.pretrain.methods.base import Method
 from selfsup.pretrain.recon import grid_array
 
 LATENT_SCATTER_FILE = "latent_scatter.png"
@@ -109,9 +110,10 @@ class MethodPictures(TrainHook):
         return self.train_shards, "training"
 
     def on_end(self, ctx: HookContext) -> None:
-        if not ctx.is_main:
-            return
         method = ctx.method
+        declared = type(method).pictures is not Method.pictures or type(method).latent is not Method.latent
+        if not (ctx.is_main and declared):  # the defaults draw nothing: no need to read images
+            return
         was_training = method.training
         method.train(False)
         try:

@@ -187,3 +187,12 @@ def test_beta_vae_traversal_varies_one_dimension_per_row():
         assert changed.sum() == 1  # exactly one dimension moves in each row
         d = int(changed.nonzero())
         torch.testing.assert_close(z[row, :, d], torch.linspace(-3, 3, 9))
+
+
+def test_cli_rejects_a_bad_config_before_reading_data(tmp_path, capsys):
+    from selfsup.launch.cli import main as cli
+
+    missing = tmp_path / "no-such-shards"
+    assert cli(["pretrain", f"data.train={missing}", "method.name=beta_vae", "method.beta_vae.beta=-1"]) == 2
+    assert "method.beta_vae.beta must be >= 0" in capsys.readouterr().out
+    assert not missing.exists()
