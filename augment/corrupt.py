@@ -12,13 +12,13 @@ import torch
 
 from selfsup.augment.views import check_generator
 
-KINDS = ("none", "gaussian", "mask", "saltpepper")
+KINDS = ("none", "gaussian", "multiplicative", "mask", "saltpepper")
 
 
 @dataclass
 class CorruptConfig:
-    kind: str = "gaussian"  # none | gaussian | mask | saltpepper
-    sigma: float = 0.3  # gaussian noise std, in units of the normalised image
+    kind: str = "gaussian"  # none | gaussian | multiplicative | mask | saltpepper
+    sigma: float = 0.3  # gaussian: noise std (normalised units); multiplicative: std of the factor
     fraction: float = 0.3  # mask / salt-and-pepper: fraction of pixels (or patches) hit
     patch: int = 1  # mask: side of the zeroed squares (1 = single pixels)
 
@@ -59,7 +59,11 @@ def corrupt(
 ) -> torch.Tensor:
     """A corrupted copy of float images ``x`` ``[B, C, H, W]``; ``x`` itself is left unchanged.
 
-    - ``gaussian``: ``x + sigma * N(0, 1)``, independently per element.
+    - ``gaussian``: ``x + sigma * N(0, 1)``, independently per element (additive noise).
+    - ``multiplicative``: ``x * eps`` with ``eps ~ N(1, sigma^2)`` independently per element (the
+      notes' ``x̂ = x ε``; speckle, or Gaussian dropout). It scales intensities, so it is applied
+      about black: ``low + (x - low) * eps`` with ``low`` from ``value_range`` (the image of pixel
+      value 0 in ``x``'s units; black stays black); without ``value_range``, about 0 of ``x``'s units.
     - ``mask``: exactly ``fraction`` of the pixels (``patch`` = 1) or of the ``patch``-sided squares
       of each image set to 0 in all channels (0 is the dataset mean when ``x`` is normalised).
     - ``saltpepper``: exactly ``fraction`` of the pixels of each image set, in all channels, to
@@ -81,6 +85,12 @@ def corrupt(
     if cfg.kind == "gaussian":
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         return x + cfg.sigma * noise
+    if cfg.kind == "multiplicative":
+        eps = 1.0 + cfg.sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        if value_range is None:
+            return x * eps
+        low = torch.as_tensor(value_range[0], dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        return low + (x - low) * eps
     if cfg.kind == "mask":
         p = cfg.patch
         rows, cols = -(-height // p), -(-width // p)

@@ -31,6 +31,7 @@ from selfsup.eval.knn import (
     save_index,
 )
 from selfsup.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
+from selfsup.eval.novelty import DEFAULT_FPR, excluded_classes, novelty_report
 from selfsup.eval.plots import plot_embeddings, project_2d, subsample
 from selfsup.eval.report import write_report
 from selfsup.pretrain import rundir
@@ -60,6 +61,8 @@ class EvalOptions:
     index: str = "flat"  # flat | ivf | hnsw (retrieval database index)
     anomaly_classes: list[int] | None = None  # None: every class in turn
     anomaly_k: int = 5
+    held_out_classes: list[int] | None = None  # novelty detection; None: the pretraining set's exclusions
+    novelty_fpr: float = DEFAULT_FPR  # target false-positive rate of its threshold
     plot: str = "pca"  # pca | tsne | umap
     plot_points: int = 2000
     device: str | None = None
@@ -75,6 +78,8 @@ class EvalOptions:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise EvalError(f"unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
+        if not 0.0 < self.novelty_fpr < 1.0:
+            raise EvalError(f"--fpr: a false-positive rate in (0, 1), got {self.novelty_fpr}")
 
 
 def evaluate_features(
@@ -316,11 +321,22 @@ def run_eval(
                                            opts.seed)
             per = per_class_auroc(scores, test.labels, opts.anomaly_classes)
             anomaly_per_class.setdefault("pretrained", {})["reconstruction"] = per
+            models["pretrained"]["recon_score_mean"] = float(scores.mean())
+            notes.append(f"recon_score_mean: mean anomaly score of the test images "
+                         f"({method.anomaly_score_unit}).")
+            held_out = opts.held_out_classes or excluded_classes(
+                rundir.read_config(where.run_dir).data.train)
+            if held_out:
+                metrics, note = novelty_report(scores, test.labels.numpy(), test.classes, held_out,
+                                               opts.novelty_fpr, opts.seed)
+                models["pretrained"].update(metrics)
+                notes.append(note)
             notes.append(
-                "Reconstruction AUROC (per-class table only): the autoencoder was pretrained on "
-                "all classes, so one fixed score is ranked with each class in turn as the anomaly. "
-                "Its mean over balanced classes is 0.5 by construction, hence no summary row; a "
-                "class far from 0.5 is one the autoencoder reconstructs unusually well or badly.")
+                "Reconstruction AUROC (per-class table): one fixed score is ranked with each class "
+                "in turn as the anomaly. "
+                + ("" if held_out else "The autoencoder was pretrained on all classes, so its mean "
+                   "over balanced classes is 0.5 by construction, hence no summary row; ")
+                + "a class far from 0.5 is one the autoencoder reconstructs unusually well or badly.")
         timings["reconstruction"] = time.perf_counter() - t
         notes.append("kNN anomaly AUROC: the held-out class is removed from the reference "
                      "(train) features; the backbone's unlabelled pretraining data included it.")

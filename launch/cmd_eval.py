@@ -14,7 +14,11 @@ protocols (all on frozen features; the backbone is never trained here):
   retrieval  test images as queries against the train set: Recall@1/5/10 and mAP@R;
              the index is saved to <out>/index for --query
   anomaly    each class in turn held out of the reference set: AUROC of the kNN distance, and of
-             the reconstruction error for autoencoder runs (MAE/DAE run directories)
+             the reconstruction error for autoencoder runs (MAE/DAE/AE/VAE run directories; a
+             VAE scores by its negative ELBO). Novelty detection when the autoencoder was
+             pretrained on normal classes only (shards written with --exclude-classes, or
+             --held-out-classes): AUROC, and TPR/F1/accuracy at a threshold picked on a
+             validation half of the test set for --fpr, measured on the other half
   plot       2-D embedding of the test features coloured by class (PCA; --plot tsne|umap)
   properties (not in the default set; needs shards with factors, e.g. selfsup shards --source
              shapes) disentanglement (DCI, MIG, latent correlation and total correlation),
@@ -59,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "large sets, whose recall against exact search is reported")
     parser.add_argument("--anomaly-class", type=int, nargs="+", default=None,
                         help="class id(s) to hold out as anomaly (default: every class in turn)")
+    parser.add_argument("--held-out-classes", type=int, nargs="+", default=None, metavar="ID",
+                        help="novelty detection: the classes the autoencoder never saw (default: "
+                        "those the run's pretraining shards were written without)")
+    parser.add_argument("--fpr", type=float, default=0.05,
+                        help="target false-positive rate of the novelty threshold (default: 0.05)")
     parser.add_argument("--plot", choices=("pca", "tsne", "umap"), default="pca",
                         help="2-D projection for the embedding plot (umap needs umap-learn)")
     parser.add_argument("--batch-size", type=int, default=512,
@@ -104,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             baselines=() if args.no_baselines else ("raw_pixels", "random_init"),
             knn_k=args.k, temperature=args.temperature, batch_size=args.batch_size,
             index=args.index, anomaly_classes=args.anomaly_class, plot=args.plot,
+            held_out_classes=args.held_out_classes, novelty_fpr=args.fpr,
             device=device, seed=args.seed, cache=not args.no_cache, resize=args.resize,
         )
         report = run_eval(where.path, train, test, out, opts)

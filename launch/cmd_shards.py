@@ -39,6 +39,7 @@ built-in and downloaded sets:
   selfsup shards --source fashion-mnist --path /usr/share/datasets/fashion-mnist --split test --out data/fm-test
   selfsup shards --source cifar --path ~/cifar-10-batches-py --out data/c10-train --encoding png
   selfsup shards --source shapes --count 100000 --size 32 --out data/shapes-train   (records factors)
+  selfsup shards --source embedded --exclude-classes 8 9 --out data/normal   # anomaly detection
   selfsup shards --verify data/fmnist-train        # re-check sizes and sha256 of an existing set
 
 Images are converted as a viewer shows them (EXIF rotation applied, transparency on white, CMYK
@@ -76,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join", metavar="DIR", help="join the finished parts in DIR into DIR/manifest.json")
     p.add_argument("--count", type=int, default=10000, help="shapes: number of images (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="sample order (and shapes content) seed")
+    p.add_argument("--exclude-classes", type=int, nargs="+", default=[], metavar="ID",
+                   help="leave these class ids out (a 'normal classes only' set to pretrain an anomaly "
+                   "detector on; the manifest records them and eval scores them as the anomalies)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
     p.add_argument("--verify", metavar="DIR", help="only verify an existing shard set and print its manifest summary")
@@ -99,10 +103,15 @@ def run(args: argparse.Namespace) -> int:
                           mode="L" if args.gray else "RGB", count=args.count, seed=args.seed, labels=args.labels)
         if hasattr(src, "describe"):
             print(src.describe(), flush=True)
+        bad = [c for c in args.exclude_classes if not 0 <= c < len(src.classes)]
+        if bad:
+            raise ShardWriteError(f"--exclude-classes: {bad} are not class ids of {args.source} "
+                                  f"(0..{len(src.classes) - 1})")
         opts = ShardOptions(
             name=args.name or args.split, split=args.split, encoding=args.encoding,
             samples_per_shard=args.per_shard, max_bytes=int(args.max_mb * 2**20),
             overwrite=args.overwrite, progress=not args.quiet,
+            exclude_classes=tuple(args.exclude_classes),
         )
         plan = ImportPlan(workers=args.workers or available_cores(), part=part, parts=parts,
                           on_bad_image=args.on_bad_image, seed=args.seed, shuffle=not args.no_shuffle)

@@ -39,7 +39,7 @@ def grid_array(rows: list[torch.Tensor]) -> np.ndarray:
     for r, batch in enumerate(rows):
         if batch.shape != rows[0].shape:
             raise ValueError(
-                f"row '{ROWS[r]}' has shape {tuple(batch.shape)}, expected {(n, c, h, w)}"
+                f"row {r} has shape {tuple(batch.shape)}, expected {(n, c, h, w)}"
             )
         pix = (batch.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         pix = pix.expand(-1, 3, -1, -1) if c == 1 else pix

@@ -51,12 +51,15 @@ def make_config(config: str | Path | Config | None = None, overrides: Sequence[s
 
 
 def default_hooks(cfg: Config) -> list:
-    """What ``selfsup pretrain`` hands the loop: the reconstruction grid (methods that reconstruct)
-    and the periodic kNN evaluation (``eval.every_epochs`` with ``data.test``)."""
+    """What ``selfsup pretrain`` hands the loop: the reconstruction grid (methods that reconstruct),
+    the method's own pictures (``Method.pictures``/``latent``: VAE samples, latent scatter) and the
+    periodic kNN evaluation (``eval.every_epochs`` with ``data.test``)."""
     from selfsup.eval.periodic import periodic_hooks
+    from selfsup.pretrain.pictures import MethodPictures
     from selfsup.pretrain.recon import ReconstructionGrid
 
-    return [ReconstructionGrid(cfg.data.train), *periodic_hooks(cfg)]
+    pictures = MethodPictures(cfg.data.train, cfg.data.test, seed=cfg.train.seed)
+    return [ReconstructionGrid(cfg.data.train), pictures, *periodic_hooks(cfg)]
 
 
 def pretrain_config(cfg: Config, resume: str | None = None) -> Path:

@@ -18,6 +18,16 @@ METRIC_NAMES = {
     "approx_recall@10": "Approximate index recall@10 vs exact (%)",
     "anomaly_knn_auroc": "Anomaly AUROC, kNN distance (mean over held-out classes)",
     "feature_dim": "Feature dimension",
+    "recon_score_mean": "Mean anomaly score on test (reconstruction error; VAE: -ELBO, nats)",
+    "novelty_auroc": "Novelty AUROC, held-out classes vs normal (reconstruction score)",
+    "novelty_target_fpr": "Novelty threshold: target FPR on validation (%)",
+    "novelty_fpr": "Novelty FPR at the threshold (%)",
+    "novelty_tpr": "Novelty TPR (recall of anomalies) at the threshold (%)",
+    "novelty_precision": "Novelty precision at the threshold (%)",
+    "novelty_f1": "Novelty F1 at the threshold (%)",
+    "novelty_accuracy": "Novelty accuracy at the threshold (%)",
+    "novelty_threshold": "Novelty threshold (score units, picked on validation)",
+    "novelty_eval_images": "Novelty: evaluation images (the half not used for the threshold)",
 }
 
 

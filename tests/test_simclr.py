@@ -298,7 +298,7 @@ def test_train_step_on_uint8_images_in_gradcache_mode(accelerator) -> None:
 
 
 def test_registry_builds_simclr_and_names_unknown_methods() -> None:
-    assert set(METHODS) == {"simclr", "mae", "dae"}
+    assert set(METHODS) == {"simclr", "mae", "dae", "ae", "sparse_ae", "cae", "vae", "beta_vae"}
     cfg = _config()
     assert isinstance(build_method(cfg, INFO), SimCLR)
     cfg.method.name = "byol"

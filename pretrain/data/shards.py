@@ -57,6 +57,9 @@ class ShardOptions:
     jpeg_quality: int = 95
     overwrite: bool = False
     progress: bool = True
+    # labels left out of the set (e.g. a "normal classes only" set for anomaly detection); the
+    # manifest keeps every class name and records these under "exclude_classes"
+    exclude_classes: tuple[int, ...] = ()
 
 
 def encode_image(image: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
@@ -144,8 +147,11 @@ def write_shards(
             writer.close()
             writer = None
 
+    excluded = {int(c) for c in opt.exclude_classes}
     bar = tqdm(samples, total=total, desc=f"shards {opt.name}", unit="img", disable=not opt.progress)
     for s in bar:
+        if int(s.label) in excluded:
+            continue
         img = np.asarray(s.image)
         if img.dtype != np.uint8 or img.ndim != 3:
             raise ShardWriteError(f"sample {s.key}: expected uint8 [H, W, C], got {img.dtype} {img.shape}")
@@ -211,6 +217,8 @@ def write_shards(
     }
     if specs is not None:
         manifest["factors"] = [f.to_json() for f in specs]
+    if excluded:
+        manifest["exclude_classes"] = sorted(excluded)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (tmp / MANIFEST).replace(out / MANIFEST)
     tmp.rmdir()

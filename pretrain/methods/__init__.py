@@ -6,7 +6,16 @@ gets a ``method.<name>`` section, ``method.name=<name>`` selects it, and the loo
 treat it like every other method.
 """
 
-from selfsup.pretrain.methods import dae, mae, simclr  # noqa: F401  (registers them)
+from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
+    ae,
+    beta_vae,
+    cae,
+    dae,
+    mae,
+    simclr,
+    sparse_ae,
+    vae,
+)
 from selfsup.pretrain.methods.base import Method, StepContext
 from selfsup.pretrain.methods.registry import METHODS, MethodEntry, method_entry, register_method
 

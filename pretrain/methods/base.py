@@ -45,6 +45,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""  # set by @register_method
     reconstructs: ClassVar[bool] = False  # True: ``reconstruct`` is implemented (autoencoders)
+    anomaly_score_unit: ClassVar[str] = "mean squared error per pixel, [0, 1] units"
     owns_backward: bool = False  # True: the loop calls ``train_step`` instead of ``forward``
 
     def __init__(self, cfg: Any, backbone: nn.Module, views: Views, info: DataInfo) -> None:
@@ -87,6 +88,20 @@ class Method(nn.Module):
         out = self.reconstruct(images)
         err = (out["reconstruction"].float() - out["input"].float()).pow(2)
         return err.flatten(1).mean(1)
+
+    @torch.no_grad()
+    def pictures(self, images: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Named picture grids ``[rows, cols, C, H, W]`` (float, [0, 1]) made from a few uint8
+        ``images`` at the end of a run and saved as ``<name>.png`` (``pretrain/pictures.py``);
+        e.g. a VAE's samples from the prior. Default: none."""
+        return {}
+
+    @torch.no_grad()
+    def latent(self, images: Tensor) -> Tensor | None:
+        """The method's own code ``[B, k]`` of uint8 ``images`` when it has one beyond the
+        backbone's features (an autoencoder's bottleneck, a VAE's posterior mean); a 2- or 3-dim
+        code is drawn as a scatter plot at the end of a run. Default: None."""
+        return None
 
     def to_unit(self, x: Tensor) -> Tensor:
         """Normalised float images back to [0, 1] (for pictures)."""

@@ -6,10 +6,10 @@ and exported exactly like SimCLR's). Its last feature map goes through a 1x1 bot
 encoder's downsampling back to exactly the input size; the plan is made, and checked with a dry
 run, when the method is built, so a decoder that cannot reach the input size fails before training.
 
-Corruption (Gaussian noise, masked squares, salt-and-pepper) comes from ``selfsup.augment.corrupt``
-and is applied to the normalised image; the target is always the clean normalised image. The loss
-is MSE, L1 or Huber (the last two are the robust variants: large residuals from heavy noise or
-outlier pixels pull less).
+Corruption (additive Gaussian, multiplicative Gaussian, masked squares, salt-and-pepper) comes from
+``selfsup.augment.corrupt`` and is applied to the normalised image; the target is always the clean
+normalised image. The loss is MSE or one of the robust losses of ``ae_losses.py`` (L1, Huber,
+correntropy, Cauchy: large residuals from heavy noise or outlier pixels pull less).
 
 With ``method.dae.corrupt.kind: none`` nothing is corrupted and this is the plain undercomplete
 autoencoder: the code (bottleneck) must then be smaller than the image, otherwise the network could
@@ -23,23 +23,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from selfsup.augment.corrupt import CorruptConfig, check_corrupt_config, corrupt
 from selfsup.augment.views import Views
 from selfsup.data_info import DataInfo
+from selfsup.pretrain.methods.ae_losses import ROBUST_LOSSES, pixel_loss
 from selfsup.pretrain.methods.base import Logs, Method
 from selfsup.pretrain.methods.registry import register_method
 
-LOSSES = ("mse", "l1", "huber")
+LOSSES = ("mse", *ROBUST_LOSSES)  # targets are normalised images: no bce here
 MAX_UPSAMPLING_STAGES = 8
 
 
 @dataclass
 class DAEConfig:
-    loss: str = "mse"  # mse | l1 | huber
+    loss: str = "mse"  # mse | l1 | huber | correntropy | cauchy
     huber_delta: float = 1.0
+    correntropy_sigma: float = 0.5  # Gaussian kernel width, normalised-image units (ae_losses.py)
+    cauchy_c: float = 1.0  # Cauchy scale, normalised-image units
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
     code_channels: int = 32  # 1x1 bottleneck on the encoder's feature map before decoding
 
@@ -48,27 +50,24 @@ class DAEConfig:
             raise ValueError(f"method.dae.loss: '{self.loss}' is not one of {', '.join(LOSSES)}")
         if self.huber_delta <= 0:
             raise ValueError(f"method.dae.huber_delta must be > 0, got {self.huber_delta}")
+        for key in ("correntropy_sigma", "cauchy_c"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"method.dae.{key} must be > 0, got {getattr(self, key)}")
         if self.code_channels < 1:
             raise ValueError(f"method.dae.code_channels must be >= 1, got {self.code_channels}")
         check_corrupt_config(self.corrupt)
 
 
 def reconstruction_loss(
-    recon: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0
+    recon: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0,
+    correntropy_sigma: float = 0.5, cauchy_c: float = 1.0,
 ) -> torch.Tensor:
     """Mean per-pixel reconstruction error in fp32 or wider (bf16/fp16 autocast outputs are
     promoted; fp64 stays fp64 so convergence tests can reach high accuracy)."""
-    dtype = torch.promote_types(torch.promote_types(recon.dtype, target.dtype), torch.float32)
-    recon, target = recon.to(dtype), target.to(dtype)
-    if kind == "mse":
-        return F.mse_loss(recon, target)
-    if kind == "l1":
-        return F.l1_loss(recon, target)
-    if kind == "huber":
-        if huber_delta <= 0:
-            raise ValueError(f"method.dae.huber_delta must be > 0, got {huber_delta}")
-        return F.huber_loss(recon, target, delta=huber_delta)
-    raise ValueError(f"method.dae.loss: '{kind}' is not one of {', '.join(LOSSES)}")
+    if kind not in LOSSES:
+        raise ValueError(f"method.dae.loss: '{kind}' is not one of {', '.join(LOSSES)}")
+    return pixel_loss(recon, target, kind, huber_delta, correntropy_sigma, cauchy_c,
+                      key="method.dae.loss").mean()
 
 
 def upsampling_plan(feature_size: int, image_size: int) -> list[int]:
@@ -182,7 +181,8 @@ class DAE(Method):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         clean = self.views(images, n_views=1)[0]
         recon = self.autoencode(self.corrupt(clean))
-        loss = reconstruction_loss(recon, clean, self.cfg.loss, self.cfg.huber_delta)
+        c = self.cfg
+        loss = reconstruction_loss(recon, clean, c.loss, c.huber_delta, c.correntropy_sigma, c.cauchy_c)
         return loss, {}  # the loop logs the loss itself, averaged over ranks
 
     @torch.no_grad()
