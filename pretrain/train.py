@@ -95,7 +95,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             f"data.batch_size={cfg.data.batch_size} must be divisible by processes x train.accumulate "
             f"= {world} x {tc.accumulate}"
         )
-    shards = ShardSet.open(cfg.data.train)
+    shards = ShardSet.open(cfg.data.train, on_bad_shard=cfg.data.on_bad_shard)
     info = data_info(cfg, shards)
     stream = ShardStream(
         shards, cfg.data.batch_size // micro_div, rank, world, cfg.data.workers, seed=tc.seed,
@@ -143,6 +143,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         wandb_id = state.get("wandb_id")
         set_rng_state(state["rng"][rank])
+        if "loader" in state:  # corrupt/padded counters (checkpoints before they existed lack it)
+            loader.load_state_dict(state["loader"][rank])
         accelerator.print(f"resumed from {found} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     else:
         set_seed(tc.seed + rank, device_specific=False)  # different augmentations per rank
@@ -154,6 +156,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     def checkpoint(reason: str) -> Path | None:
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        loaders = gather_object([loader.state_dict()]) if world > 1 else [loader.state_dict()]
         path = None
         if main:
             state = {
@@ -164,7 +167,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "world_size": world, "workers": cfg.data.workers,
                 "global_batch": cfg.data.batch_size, "accumulate": tc.accumulate,
-                "rng": rngs, "wandb_id": log.wandb_id, "reason": reason,
+                "rng": rngs, "loader": loaders, "wandb_id": log.wandb_id, "reason": reason,
             }  # fmt: skip
             path = save_checkpoint(ckpt_dir, step, state, keep=tc.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -244,7 +247,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 row.update(
                     lr=scheduler.get_last_lr()[0], epoch=epoch,
                     img_per_s=images_seen / max(now - t_last, 1e-9), data_wait=wait / max(wait + busy, 1e-9),
-                    grad_norm=grad_norm, corrupt=loader.corrupt, padded=loader.padded, nan_skips=nan_skips,
+                    grad_norm=grad_norm, **loader.counters(), nan_skips=nan_skips,
                 )  # fmt: skip
                 log.log(step, row)
                 t_last, wait, busy, images_seen = now, 0.0, 0.0, 0

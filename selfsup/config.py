@@ -52,6 +52,7 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per process (decode only)
     shuffle_buffer: int = 2000  # samples held per worker for sample-level shuffling
     max_corrupt_fraction: float = 0.01  # above this fraction of unreadable samples: error
+    on_bad_shard: str = "error"  # error | skip: a missing/truncated shard stops the run, or is left out (logged)
 
 
 @dataclass
@@ -137,6 +138,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lars", "adamw", "sgd"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
+    "data.on_bad_shard": ("error", "skip"),
     "log.wandb": ("online", "offline", "off"),
     "augment.recipe": ("simclr", "byol", "mae", "none"),
     "method.dae.loss": ("mse", "l1", "huber"),
