@@ -3,7 +3,11 @@
 Protocol (course notes): one class is held out of the *reference* set and treated as the anomaly;
 a test image's score should be higher for the held-out class than for the rest. kNN score:
 ``1 − mean cosine similarity`` to its k nearest normal training items (works for every method).
-Reconstruction score: per-image mean squared error of an autoencoder's reconstruction; the
+Reconstruction score: per-image error of an autoencoder's reconstruction, taken from the method's
+``anomaly_score`` when it has one (MAE: squared error over the hidden patches in its training
+target space, which with ``norm_pix_loss`` is the per-patch standardised pixels: de-normalising
+the prediction with the true patch statistics would let the score read the answer), else the
+mean squared error between ``reconstruct()``'s reconstruction and input (DAE). The
 autoencoder was pretrained on all classes (retraining one per held-out class is out of budget), so
 this measures how much worse an unusual class is reconstructed, stated as such in the report.
 """
@@ -77,7 +81,8 @@ def reconstruction_scores(
     method: nn.Module, images_uint8: torch.Tensor, batch_size: int = 256,
     device: torch.device | str | None = None, seed: int = 0,
 ) -> np.ndarray:
-    """Per-image MSE between ``method.reconstruct(x)["reconstruction"]`` and ``["input"]``.
+    """Per-image ``method.anomaly_score(x)`` where the method defines it, else the MSE between
+    ``method.reconstruct(x)["reconstruction"]`` and ``["input"]`` (see the module docstring).
 
     Seeded, because masked autoencoders pick a random mask per call; eval mode, flags restored.
     """
@@ -93,7 +98,11 @@ def reconstruction_scores(
         chunks = []
         with torch.inference_mode():
             for i in range(0, images_uint8.shape[0], batch_size):
-                out = method.reconstruct(images_uint8[i : i + batch_size].to(dev))
+                x = images_uint8[i : i + batch_size].to(dev)
+                if hasattr(method, "anomaly_score"):
+                    chunks.append(method.anomaly_score(x).float().cpu())
+                    continue
+                out = method.reconstruct(x)
                 err = (out["reconstruction"].float() - out["input"].float()).pow(2)
                 chunks.append(err.flatten(1).mean(1).cpu())
     finally:

@@ -319,7 +319,9 @@ def run_eval(
                 "Reconstruction AUROC (per-class table only): the autoencoder was pretrained on "
                 "all classes, so one fixed score is ranked with each class in turn as the anomaly. "
                 "Its mean over balanced classes is 0.5 by construction, hence no summary row; a "
-                "class far from 0.5 is one the autoencoder reconstructs unusually well or badly.")
+                "class far from 0.5 is one the autoencoder reconstructs unusually well or badly. "
+                "MAE scores the hidden patches in its training target space (standardised per "
+                "patch with norm_pix_loss), so no score reads the statistics of what it scores.")
         timings["reconstruction"] = time.perf_counter() - t
         notes.append("kNN anomaly AUROC: the held-out class is removed from the reference "
                      "(train) features; the backbone's unlabelled pretraining data included it.")
