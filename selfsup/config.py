@@ -109,6 +109,7 @@ class LogConfig:
     name: str | None = None  # W&B run name; default: the run directory's name
     tags: list[str] = field(default_factory=list)
     progress: bool = True  # progress bar on rank 0
+    wandb_resume: str = "auto"  # after a kill: new (linked run, history re-logged) | rewind | auto (offline: new, online: rewind)
 
 
 @dataclass
@@ -139,6 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
     "data.on_bad_shard": ("error", "skip"),
+    "log.wandb_resume": ("auto", "new", "rewind"),
     "log.wandb": ("online", "offline", "off"),
     "augment.recipe": ("simclr", "byol", "mae", "none"),
     "method.dae.loss": ("mse", "l1", "huber"),
