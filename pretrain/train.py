@@ -29,14 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from selfsup.config import Config, ConfigError, save_config
-from selfsup.pretrain.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from selfsup.pretrain.checkpoint import resume_state, rng_state, save_checkpoint, set_rng_state
 from selfsup.pretrain.methods import build_method
 from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.optim import build_optimizer, build_scheduler
@@ -131,9 +124,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     step = epoch = batch_in_epoch = 0
     wandb_id = None
-    found = _find_resume(ckpt_dir, resume)
+    found, state = resume_state(ckpt_dir, resume)  # newest that loads; loud fallback if latest is damaged
     if found is not None:
-        state = load_checkpoint(found)
         _check_compatible(state, world, cfg)
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -277,18 +269,6 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
-
-
-def _find_resume(ckpt_dir: Path, resume: str | None) -> Path | None:
-    if resume is None:
-        if latest_checkpoint(ckpt_dir) is not None:
-            raise CheckpointError(
-                f"{ckpt_dir} already has checkpoints: pass --resume auto to continue, or choose a new run_dir"
-            )
-        return None
-    if resume == "auto":
-        return latest_checkpoint(ckpt_dir)
-    return Path(resume)
 
 
 def _check_compatible(state: dict, world: int, cfg: Config) -> None:
