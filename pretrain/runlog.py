@@ -41,9 +41,9 @@ class RunLog:
         self.wandb = None
         self.wandb_id = wandb_id
         self.bar = None
+        self.run_dir, self.step = run_dir, start_step
         if not is_main:
             return
-        self.run_dir, self.step = run_dir, start_step
         self._truncate_after(start_step)
         if cfg.log.wandb != "off":
             from selfsup.pretrain.wandb_resume import open_run
