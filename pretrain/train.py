@@ -281,22 +281,14 @@ def _check_compatible(state: dict, world: int, cfg: Config) -> None:
         raise TrainingError(f"cannot resume exactly with a different setup ({desc})")
 
 
-@torch.no_grad()
 def _periodic_knn(cfg: Config, method: torch.nn.Module, info: DataInfo, log: RunLog, step: int, main: bool) -> None:
-    """kNN accuracy of the current backbone on the test shards (rank 0; others wait)."""
-    if not main:
-        return
-    from selfsup.eval.features import extract_features
-    from selfsup.eval.knn import knn_classify
-    from selfsup.pretrain.stream import load_arrays
+    """kNN accuracy of the current backbone on the test shards; every rank extracts its slice."""
+    from selfsup.eval.periodic import periodic_knn
 
-    train_x, train_y, _ = load_arrays(ShardSet.open(cfg.data.train))
-    test_x, test_y, _ = load_arrays(ShardSet.open(cfg.data.test))
-    kw = {"mean": info.mean, "std": info.std, "batch_size": cfg.eval.batch_size}
-    f_train = extract_features(method.backbone, train_x, **kw)
-    f_test = extract_features(method.backbone, test_x, **kw)
-    res = knn_classify(f_train, train_y, f_test, test_y, k=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
-    log.log(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
+    res = periodic_knn(method.backbone, cfg.data.train, cfg.data.test, info.mean, info.std, cfg.eval.batch_size,
+                       cfg.eval.knn_k, cfg.eval.knn_temperature)  # fmt: skip
+    if main:
+        log.log(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
 
 
 def _finish(cfg: Config, method, shards: ShardSet, device, run_dir: Path, log: RunLog, step: int) -> None:

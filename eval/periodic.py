@@ -1,0 +1,66 @@
+"""kNN evaluation during pretraining, split over the training processes.
+
+Every rank reads only its own contiguous slice of the train and test shard sets (the evaluation
+plan of ``selfsup.pretrain.stream``: each sample once, near-equal slices in rank order), extracts
+the frozen features of that slice, and the slices are gathered back in rank order, so the matrices
+are the whole sets in manifest order. Rank 0 then runs the kNN vote (FAISS; seconds even for
+large sets). No rank loads a whole set or waits at a barrier while another extracts everything:
+the only waits are the imbalance between slices and the vote.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from selfsup.eval.features import _gather_rows, extract_features_from
+from selfsup.pretrain.stream import ShardSet, ShardStream, rank_and_world
+
+
+def slice_features(backbone: nn.Module, path: str, mean: Sequence[float], std: Sequence[float], batch_size: int,
+                   rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Features and labels of this rank's slice of a shard set (possibly empty)."""
+    stream = ShardStream(ShardSet.open(path), batch_size, rank, world, workers=0, shuffle=False, drop_last=False,
+                         max_corrupt_fraction=0.0)  # fmt: skip
+    labels: list[torch.Tensor] = []
+
+    def images():
+        for b in stream:
+            labels.append(b["labels"])
+            yield b["images"]
+
+    if len(stream) == 0:
+        return torch.zeros((0, backbone.feature_dim)), torch.zeros(0, dtype=torch.int64)
+    feats = extract_features_from(backbone, images(), mean, std)
+    return feats, torch.cat(labels)
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return _gather_rows(x, dev)
+
+
+@torch.no_grad()
+def periodic_knn(backbone: nn.Module, train: str, test: str, mean: Sequence[float], std: Sequence[float],
+                 batch_size: int, k: Sequence[int], temperature: float) -> dict[str, float]:  # fmt: skip
+    """Every rank must call this; returns the kNN accuracies on rank 0 and {} elsewhere."""
+    from selfsup.eval.knn import knn_classify
+
+    rank, world = rank_and_world()
+    parts = []
+    for path in (train, test):
+        feats, labels = slice_features(backbone, path, mean, std, batch_size, rank, world)
+        parts.append((feats, labels))
+        print(f"selfsup: eval: rank {rank}/{world} extracted {feats.shape[0]} features of {path}", file=sys.stderr,
+              flush=True)  # fmt: skip
+    if world > 1:
+        parts = [(_gather(f), _gather(y[:, None])[:, 0]) for f, y in parts]
+    if rank != 0:
+        return {}
+    (f_train, y_train), (f_test, y_test) = parts
+    res = knn_classify(f_train, y_train, f_test, y_test, k=tuple(k), temperature=temperature)
+    return {**res, "samples": float(f_train.shape[0] + f_test.shape[0])}
