@@ -131,7 +131,10 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
-        raise ExportError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        raise ExportError(
+            f"{path}: not a readable selfsup checkpoint (another kind of file, or a truncated/damaged one; "
+            f"cannot read checkpoint: {type(e).__name__}: {e})"
+        ) from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ExportError(f"{path}: not a selfsup checkpoint (expected a dict with 'model')")
     return ckpt
@@ -140,10 +143,17 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def read_run(path: str | Path) -> RunCheckpoint:
     """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``)."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".pt":
+    if path.is_file():  # a checkpoint file: is it one at all, before looking for its run directory
         run_dir, ckpt_path = path.parent.parent, path
+        ckpt = _torch_load(ckpt_path)
+        if not (run_dir / "config.yaml").is_file():
+            raise ExportError(
+                f"{path}: a selfsup checkpoint, but not inside a run directory (no {run_dir / 'config.yaml'}: "
+                "it must sit in RUN_DIR/checkpoints/ beside the run's config.yaml and data_info.json)"
+            )
     elif path.is_dir():
         run_dir, ckpt_path = path, latest_checkpoint(path)
+        ckpt = None
     else:
         raise ExportError(f"{path}: no such run directory or checkpoint file")
     try:
@@ -151,7 +161,7 @@ def read_run(path: str | Path) -> RunCheckpoint:
     except ConfigError as e:
         raise ExportError(f"{run_dir / 'config.yaml'}: {e}") from e
     info = read_data_info(run_dir / "data_info.json")
-    ckpt = _torch_load(ckpt_path)
+    ckpt = ckpt if ckpt is not None else _torch_load(ckpt_path)
     state = backbone_state_dict(ckpt["model"], str(ckpt_path))
     return RunCheckpoint(run_dir, ckpt_path, cfg, info, state, int(ckpt.get("step", 0)))
 
