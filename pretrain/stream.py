@@ -31,6 +31,7 @@ The rule (documented for users in the README):
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, islice, repeat
@@ -248,6 +249,15 @@ class ShardStream(IterableDataset):
         }
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer: SLURM and torchrun signal every
+    process of a job, and a worker dying of the signal would crash the trainer ("DataLoader worker
+    is killed by signal") instead of letting it checkpoint and stop, or report a lost rank. A
+    worker still ends with its trainer (it watches its parent)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardLoader:
     """A DataLoader over ``ShardStream`` for one rank; ``len()`` is the same on every rank.
 
@@ -269,6 +279,7 @@ class ShardLoader:
             # its own generator: otherwise every new iterator draws a seed from the global torch
             # RNG, which the augmentations use too, and a resumed run would draw different views
             generator=torch.Generator().manual_seed(stream.seed),
+            worker_init_fn=_ignore_stop_signals,
         )
         self._epoch = 0
         self._before = (0, 0)  # totals of the epochs before self._epoch
@@ -283,8 +294,17 @@ class ShardLoader:
         return self._before[1] + sum(p for _, p in self._workers.values())
 
     def counters(self) -> dict[str, int]:
-        """What the trainer logs: unreadable samples, padding, and shards left out at open."""
-        return {"corrupt": self.corrupt, "padded": self.padded, "skipped_shards": len(self.stream.ss.skipped)}
+        """What the trainer logs: unreadable samples and padding so far, summed over all ranks
+        when a process group is up (a collective: every rank calls it at the same step), and the
+        shards left out at open (the same on every rank)."""
+        counts = torch.tensor([self.corrupt, self.padded], dtype=torch.int64)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            counts = counts.to(dev)
+            dist.all_reduce(counts)
+        corrupt, padded = counts.tolist()
+        return {"corrupt": corrupt, "padded": padded, "skipped_shards": len(self.stream.ss.skipped)}
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if epoch != self._epoch:
