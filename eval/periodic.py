@@ -5,7 +5,9 @@ plan of ``selfsup.pretrain.stream``: each sample once, near-equal slices in rank
 the frozen features of that slice, and the slices are gathered back in rank order, so the matrices
 are the whole sets in manifest order. Rank 0 then runs the kNN vote (FAISS; seconds even for
 large sets). No rank loads a whole set or waits at a barrier while another extracts everything:
-the only waits are the imbalance between slices and the vote.
+the only waits are the imbalance between slices and the vote. Every rank extracts with rank 0's
+BatchNorm statistics (DDP leaves each rank its own between forwards), so the result is what the
+checkpoint's weights give, and a run resumed at an epoch boundary logs the same number.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from selfsup.eval.features import _gather_rows, extract_features_from
 from selfsup.pretrain.stream import ShardSet, ShardStream, rank_and_world
 
 
-def slice_features(backbone: nn.Module, path: str, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                   rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def slice_features(backbone: nn.Module, shards: ShardSet, mean: Sequence[float], std: Sequence[float],
+                   batch_size: int, rank: int, world: int, max_corrupt: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Features and labels of this rank's slice of a shard set (possibly empty)."""
-    stream = ShardStream(ShardSet.open(path), batch_size, rank, world, workers=0, shuffle=False, drop_last=False,
-                         max_corrupt_fraction=0.0)  # fmt: skip
+    stream = ShardStream(shards, batch_size, rank, world, workers=0, shuffle=False, drop_last=False,
+                         max_corrupt_fraction=max_corrupt)  # fmt: skip
     labels: list[torch.Tensor] = []
 
     def images():
@@ -46,14 +48,33 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def periodic_knn(backbone: nn.Module, train: str, test: str, mean: Sequence[float], std: Sequence[float],
-                 batch_size: int, k: Sequence[int], temperature: float) -> dict[str, float]:  # fmt: skip
-    """Every rank must call this; returns the kNN accuracies on rank 0 and {} elsewhere."""
+                 batch_size: int, k: Sequence[int], temperature: float, on_bad_shard: str = "error",
+                 max_corrupt: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """Every rank must call this; returns the kNN accuracies on rank 0 and {} elsewhere. The
+    training set is read as training reads it (``on_bad_shard``, ``max_corrupt`` from data.*;
+    undecodable samples padded), the test set strictly."""
+    rank, world = rank_and_world()
+    # DDP keeps the weights equal on every rank but each rank's BatchNorm statistics are its own
+    # since the last forward: every rank extracts with rank 0's (those the checkpoint holds), and
+    # gets its own back afterwards
+    own = [b.detach().clone() for b in backbone.buffers()] if world > 1 else []
+    for b in backbone.buffers() if world > 1 else []:
+        dist.broadcast(b.data, src=0)
+    try:
+        return _knn(backbone, train, test, mean, std, batch_size, k, temperature, on_bad_shard, max_corrupt, rank, world)
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(backbone.buffers() if world > 1 else [], own, strict=True):
+                b.copy_(saved)
+
+
+def _knn(backbone, train, test, mean, std, batch_size, k, temperature, on_bad_shard, max_corrupt, rank, world):
     from selfsup.eval.knn import knn_classify
 
-    rank, world = rank_and_world()
     parts = []
-    for path in (train, test):
-        feats, labels = slice_features(backbone, path, mean, std, batch_size, rank, world)
+    sets = ((ShardSet.open(train, on_bad_shard=on_bad_shard), max_corrupt), (ShardSet.open(test), 0.0))
+    for (shards, corrupt), path in zip(sets, (train, test), strict=True):
+        feats, labels = slice_features(backbone, shards, mean, std, batch_size, rank, world, corrupt)
         parts.append((feats, labels))
         print(f"selfsup: eval: rank {rank}/{world} extracted {feats.shape[0]} features of {path}", file=sys.stderr,
               flush=True)  # fmt: skip

@@ -77,6 +77,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep
     """Write ``step-XXXXXXXX.pt`` atomically, point ``latest`` at it, keep the newest ``keep``."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(".*.tmp-*"):  # left by a process killed mid-write: never a complete file
+        stale.unlink(missing_ok=True)
     path = ckpt_dir / f"step-{step:08d}.pt"
     try:
         _fsync_write(path, lambda f: torch.save(state, f))

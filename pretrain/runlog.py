@@ -2,8 +2,10 @@
 
 Only the main process writes. ``metrics.jsonl`` is the machine-readable history that does not
 depend on W&B: one JSON object per logged step. What it holds after a resume from a checkpoint at
-step ``k``: every row with ``step <= k`` as first written, then the resumed run's rows; the rows
-``> k`` that a killed run had logged after its checkpoint are dropped when the resumed run starts,
+step ``k``: the rows written before that checkpoint (all with ``step <= k``; the checkpoint records
+how many, so a row logged at step ``k`` after it, like the end-of-epoch kNN that the resumed run
+redoes, is not kept twice), as first written, then the resumed run's rows. The rows a killed run
+had logged after its checkpoint are dropped when the resumed run starts,
 by writing the kept rows to a temporary file and renaming it over the old one (a kill during the
 resume leaves either the old or the new file, never a mix), and a torn last line left by a kill
 mid-write is dropped too. So the file reads as one uninterrupted run, and after a bitwise-exact
@@ -35,16 +37,17 @@ class RunLog:
         total_steps: int,
         start_step: int,
         wandb_id: str | None,
+        keep_rows: int | None = None,
     ) -> None:
         self.is_main = is_main
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         self.wandb_id = wandb_id
         self.bar = None
-        self.run_dir, self.step = run_dir, start_step
+        self.run_dir, self.step, self.rows = run_dir, start_step, 0  # rows: lines in metrics.jsonl
         if not is_main:
             return
-        self._truncate_after(start_step)
+        self._truncate_after(start_step, keep_rows)
         if cfg.log.wandb != "off":
             from selfsup.pretrain.wandb_resume import open_run
 
@@ -59,12 +62,16 @@ class RunLog:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                             dynamic_ncols=True, mininterval=0.5 if interactive else 60)  # fmt: skip
 
-    def _truncate_after(self, step: int) -> int:
-        """Keep the rows with ``step <= step`` (atomically); return how many rows were dropped."""
+    def _truncate_after(self, step: int, keep_rows: int | None) -> int:
+        """Keep the rows written before the checkpoint: the first ``keep_rows`` (the checkpoint
+        says how many there were), else those with ``step <= step``; atomically. Returns how many
+        rows were dropped."""
         if not self.path.exists():
             return 0
         lines = [r for r in self.path.read_text().splitlines() if r.strip()]
         keep = [line for line, row in zip(lines, map(_parse, lines), strict=True) if row and row.get("step", 0) <= step]
+        keep = keep[:keep_rows] if keep_rows is not None else keep
+        self.rows = len(keep)
         if len(keep) == len(lines):
             return 0
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
@@ -81,6 +88,7 @@ class RunLog:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.rows += 1
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:

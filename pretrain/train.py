@@ -144,7 +144,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_info.json").write_text(json.dumps(asdict(info), indent=1))
-    log = RunLog(run_dir, cfg, main, total_steps, step, wandb_id)
+    log = RunLog(run_dir, cfg, main, total_steps, step, wandb_id, state.get("metrics_rows") if found else None)
 
     def checkpoint(reason: str) -> Path | None:
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
@@ -159,7 +159,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "world_size": world, "workers": cfg.data.workers,
                 "global_batch": cfg.data.batch_size, "accumulate": tc.accumulate,
-                "rng": rngs, "loader": loaders, "wandb_id": log.wandb_id, "reason": reason,
+                "rng": rngs, "loader": loaders, "wandb_id": log.wandb_id, "reason": reason, "metrics_rows": log.rows,
             }  # fmt: skip
             path = save_checkpoint(ckpt_dir, step, state, keep=tc.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -286,7 +286,7 @@ def _periodic_knn(cfg: Config, method: torch.nn.Module, info: DataInfo, log: Run
     from selfsup.eval.periodic import periodic_knn
 
     res = periodic_knn(method.backbone, cfg.data.train, cfg.data.test, info.mean, info.std, cfg.eval.batch_size,
-                       cfg.eval.knn_k, cfg.eval.knn_temperature)  # fmt: skip
+                       cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.data.on_bad_shard, cfg.data.max_corrupt_fraction)  # fmt: skip
     if main:
         log.log(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
 
