@@ -4,9 +4,14 @@ crashes damage them."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import webdataset as wds
@@ -56,3 +61,54 @@ def truncate_shard(shard_dir: Path, shard: int, keep_fraction: float = 0.5) -> P
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
     return path
+
+
+# ------------------------------------------------------------------------------ processes
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def start(cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    """A process in its own session, so the whole tree (launcher + ranks + W&B service) can be
+    killed at once the way a node crash or a SLURM kill does."""
+    return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)  # fmt: skip
+
+
+def kill_tree(proc: subprocess.Popen) -> str:
+    """SIGKILL the process and every descendant at once (torchrun starts its ranks in sessions of
+    their own, so the process group alone is not enough); return what they printed."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    return out or ""
+
+
+def last_step(run: Path) -> int:
+    """The highest step in metrics.jsonl (0 if none; a torn line is ignored)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            steps.append(json.loads(line)["step"])
+    return max(steps, default=0)
+
+
+def wait_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while last_step(run) < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no step {step} within {timeout}s")
+        time.sleep(0.01)
