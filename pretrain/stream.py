@@ -284,6 +284,7 @@ class ShardLoader:
         self._epoch = 0
         self._before = (0, 0)  # totals of the epochs before self._epoch
         self._workers: dict[int, tuple[int, int]] = {}  # this epoch, per plan index
+        self._workers_before: dict[int, tuple[int, int]] = {}
 
     @property
     def corrupt(self) -> int:
@@ -309,13 +310,16 @@ class ShardLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if epoch != self._epoch:
             self._before, self._workers, self._epoch = (self.corrupt, self.padded), {}, epoch
+            self._workers_before = {}
         self.stream.epoch, self.stream.start_batch = epoch, start_batch
         self.stream.start_counts = dict(self._workers)
 
-    def state_dict(self) -> dict:
-        """Plain values (``torch.load(weights_only=True)`` reads them back)."""
+    def state_dict(self, before_last_batch: bool = False) -> dict:
+        """Plain values (``torch.load(weights_only=True)`` reads them back); ``before_last_batch``:
+        as it was before the batch last yielded (the trainer's state before a step it undoes)."""
+        workers = self._workers_before if before_last_batch else self._workers
         return {"epoch": self._epoch, "before": list(self._before),
-                "workers": {int(w): list(v) for w, v in self._workers.items()},
+                "workers": {int(w): list(v) for w, v in workers.items()},
                 "num_samples": self.stream.ss.num_samples,
                 "skipped": [s["file"] for s in self.stream.ss.skipped]}  # fmt: skip
 
@@ -330,12 +334,14 @@ class ShardLoader:
         self._epoch = int(state["epoch"])
         self._before = tuple(int(v) for v in state["before"])
         self._workers = {int(w): (int(c), int(p)) for w, (c, p) in state["workers"].items()}
+        self._workers_before = dict(self._workers)
 
     def __len__(self) -> int:
         return len(self.stream)
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
+            self._workers_before = dict(self._workers)
             self._workers[batch["worker"]] = (batch["corrupt"], batch["padded"])
             yield batch
 

@@ -30,6 +30,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 
 from selfsup.config import Config, ConfigError, save_config
 from selfsup.pretrain.checkpoint import resume_state, rng_state, save_checkpoint, set_rng_state
+from selfsup.pretrain.guard import FiniteGuard
 from selfsup.pretrain.methods import build_method
 from selfsup.pretrain.methods.base import DataInfo
 from selfsup.pretrain.optim import build_optimizer, build_scheduler
@@ -167,6 +168,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     # ---- the loop
     nan_skips = 0
+    guard = FiniteGuard(accelerator.device, check_grads=accelerator.scaler is None)  # fp16: the scaler's job
     model.train()
     t_last = time.perf_counter()
     wait = busy = 0.0
@@ -182,38 +184,36 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             wait += t_got - t_fetch
             micro += 1
             last_micro = micro == tc.accumulate
-            if micro == 1:  # BatchNorm statistics before this step, to undo a non-finite forward
-                buffers = [b.detach().clone() for b in method.buffers()]
+            if micro == 1:  # what the step changes besides the weights, to undo a non-finite step
+                guard.begin(method, loader)
             if getattr(method, "owns_backward", False):
                 loss, logs = method.train_step(images, model, accelerator)
             else:
                 with nullcontext() if last_micro else accelerator.no_sync(model):
                     loss, logs = model(images)
                     accelerator.backward(loss / tc.accumulate)
+            guard.loss(loss)  # every micro-batch; a device flag, no sync
             images_seen += images.shape[0] * world
             if not last_micro:
                 t_fetch = time.perf_counter()
                 continue
             micro = 0
 
-            # every rank agrees on: is the loss finite everywhere, did anyone get a stop signal
-            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(stop.signal is not None)])
-            flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu() if world > 1 else flags
-            finite = flags[0] == 0
+            # every rank agrees on: all losses and the gradient norm finite everywhere, a stop signal anywhere
+            norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            finite, stopping = guard.agree(norm, stop.signal is not None, world, accelerator.reduce)
             if not finite:
-                with torch.no_grad():
-                    for b, saved in zip(method.buffers(), buffers, strict=True):
-                        b.copy_(saved)
+                guard.undo(method, loader, everything=tc.nan_policy == "stop")
             if finite:
-                max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                grad_norm = float(norm)
                 optimizer.step()
             elif tc.nan_policy == "stop":
                 optimizer.zero_grad(set_to_none=True)
                 path = checkpoint("non-finite loss")
                 raise TrainingError(
                     f"non-finite loss at step {step} (epoch {epoch}, batch {batch_in_epoch}) on at least one "
-                    f"rank; stopped before updating. Checkpoint of the state before this step: {path or ckpt_dir}. "
+                    f"rank (a micro-batch's loss or the gradient norm); stopped before updating. Checkpoint of "
+                    f"the state before this step: {path or ckpt_dir}. "
                     f"Lower optim.base_lr, set train.grad_clip, or use train.nan_policy=skip."
                 )
             else:
@@ -244,7 +244,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 log.log(step, row)
                 t_last, wait, busy, images_seen = now, 0.0, 0.0, 0
 
-            if flags[1] > 0:
+            if stopping:
                 path = checkpoint(f"signal {stop.signal or 'on another rank'}")
                 accelerator.print(f"stopping on signal at step {step}; checkpoint {path or ckpt_dir}")
                 log.close()

@@ -1,8 +1,9 @@
 """The non-finite guard with gradient accumulation, on a real run.
 
 The data make a genuine non-finite loss in ONE micro-batch: every image is black except one
-bright image, and ``augment.std=[1e-30]`` normalises black to exactly 0 but bright to ~1e30, whose
-BatchNorm variance overflows (NaN). The bright image is placed (through the stream's own plan) at
+bright image, and ``augment.std=[1e-45]`` (a float32 denormal) normalises black to exactly 0 but
+bright to +inf, which the first convolution turns into NaN (BatchNorm alone would absorb any finite
+scale). The bright image is placed (through the stream's own plan) at
 the first micro-batch of step K+1 of a ``train.accumulate=2`` run, so the last micro-batch of that
 step is finite: a guard that only looks at the last loss lets the NaN gradients into
 ``optimizer.step``. The run must stop before updating, with a checkpoint equal, bitwise, to the
@@ -27,7 +28,7 @@ from selfsup.pretrain.shards import ShardOptions, write_shards
 from selfsup.pretrain.stream import ShardSet, ShardStream
 
 K, N, MICRO = 3, 320, 16
-RUN = ["train.accumulate=2", "data.batch_size=32", "augment.mean=[0.0]", "augment.std=[1e-30]", "train.max_steps=8",
+RUN = ["train.accumulate=2", "data.batch_size=32", "augment.mean=[0.0]", "augment.std=[1e-45]", "train.max_steps=8",
        "train.checkpoint_every=1", "train.keep_checkpoints=0", "log.wandb=off", "augment.recipe=simclr"]  # fmt: skip
 
 
