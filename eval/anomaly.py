@@ -3,7 +3,11 @@
 Protocol (course notes): one class is held out of the *reference* set and treated as the anomaly;
 a test image's score should be higher for the held-out class than for the rest. kNN score:
 ``1 − mean cosine similarity`` to its k nearest normal training items (works for every method).
-Reconstruction score: per-image mean squared error of an autoencoder's reconstruction; the
+Reconstruction score: per-image error of an autoencoder's reconstruction, taken from the method's
+``anomaly_score`` when it has one (MAE: squared error over the hidden patches in its training
+target space, which with ``norm_pix_loss`` is the per-patch standardised pixels: de-normalising
+the prediction with the true patch statistics would let the score read the answer), else the
+mean squared error between ``reconstruct()``'s reconstruction and input (DAE). The
 autoencoder was pretrained on all classes (retraining one per held-out class is out of budget), so
 this measures how much worse an unusual class is reconstructed, stated as such in the report.
 """

@@ -34,6 +34,7 @@ from selfsup.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from selfsup.eval.novelty import DEFAULT_FPR, excluded_classes, novelty_report
 from selfsup.eval.plots import plot_embeddings, project_2d, subsample
 from selfsup.eval.report import write_report
+from selfsup.eval.wandb_log import log_to_training_run
 from selfsup.pretrain import rundir
 from selfsup.pretrain.methods import Method, method_entry
 from selfsup.pretrain.models.backbones import build_backbone
@@ -149,10 +150,12 @@ def resolve_checkpoint(path: str | Path) -> Resolved:
         raise EvalError(str(e)) from e
 
 
-def load_model(where: Resolved) -> Backbone:
+def load_model(where: Resolved | str | Path) -> Backbone:
     """``load_backbone`` with its errors turned into EvalError naming the checkpoint."""
     from selfsup.pretrain.export import load_backbone
 
+    if not isinstance(where, Resolved):
+        where = resolve_checkpoint(where)
     try:
         return load_backbone(where.path)
     except rundir.RunDirError as e:
@@ -336,7 +339,9 @@ def run_eval(
                 "in turn as the anomaly. "
                 + ("" if held_out else "The autoencoder was pretrained on all classes, so its mean "
                    "over balanced classes is 0.5 by construction, hence no summary row; ")
-                + "a class far from 0.5 is one the autoencoder reconstructs unusually well or badly.")
+                + "a class far from 0.5 is one the autoencoder reconstructs unusually well or badly. "
+                "MAE scores the hidden patches in its training target space (standardised per "
+                "patch with norm_pix_loss), so no score reads the statistics of what it scores.")
         timings["reconstruction"] = time.perf_counter() - t
         notes.append("kNN anomaly AUROC: the held-out class is removed from the reference "
                      "(train) features; the backbone's unlabelled pretraining data included it.")
@@ -384,4 +389,5 @@ def run_eval(
     if properties is not None:
         report["properties"] = {"models": properties["models"]}
     write_report(report, out)
+    report["meta"]["wandb_run"] = log_to_training_run(report, where, out)
     return report

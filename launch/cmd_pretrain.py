@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 EXAMPLES = """The config is a recipe under configs/ plus key.sub=value overrides, checked before any data is
 read (an unknown key or a wrong type is an error that names it). The global batch
@@ -63,6 +64,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except (CacheError, ShardError, RunDirError, TrainingError) as e:
         print(f"error: {e}", flush=True)
+        return 1
+    except Exception as e:
+        from selfsup.pretrain.peers import diagnose, is_collective_failure
+
+        if not is_collective_failure(e):
+            raise
+        message = f"error: lost a process of the job: {diagnose(e)}"
+        print(message, flush=True)
+        print(message, file=sys.stderr, flush=True)
         return 1
     return 0
 

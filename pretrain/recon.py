@@ -2,7 +2,9 @@
 
 Rows are input, corrupted (or masked) and reconstruction; columns are the first ``n`` images.
 Small images (28/32 px) are enlarged by pixel repetition so the PNG is readable, never smoothed,
-so what is shown is exactly what the model produced.
+so what is shown is exactly what the model produced. A method whose reconstruction row needs
+explaining (MAE with ``norm_pix_loss`` predicts standardised patches) declares a
+``reconstruction_caption``; it is printed under the grid and stored in the PNG's Description.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from selfsup.pretrain.hooks import HookContext, TrainHook
 from selfsup.pretrain.rundir import RECONSTRUCTIONS_FILE
@@ -72,8 +75,31 @@ def save_reconstruction_grid(
         raise ValueError(f"reconstruct() returned no {', '.join(missing)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_array([out[k] for k in ROWS])).save(path)
+    image = Image.fromarray(grid_array([out[k] for k in ROWS]))
+    caption = getattr(method, "reconstruction_caption", "")
+    meta = PngInfo()
+    if caption:
+        image = _with_caption(image, f"rows: {', '.join(ROWS)}. {caption}")
+        meta.add_text("Description", caption)
+    image.save(path, pnginfo=meta)
     return path
+
+
+def _with_caption(image: Image.Image, text: str) -> Image.Image:
+    """The grid with ``text`` wrapped into lines below it (PIL's built-in font)."""
+    font = ImageFont.load_default()
+    per_line = max(20, image.width // 6)
+    words, lines = text.split(), [""]
+    for w in words:
+        if len(lines[-1]) + len(w) + 1 > per_line:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {w}".strip()
+    out = Image.new("RGB", (image.width, image.height + 12 * len(lines) + 6), "white")
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((2, image.height + 4 + 12 * i), line, fill="black", font=font)
+    return out
 
 
 class ReconstructionGrid(TrainHook):

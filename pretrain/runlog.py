@@ -1,9 +1,17 @@
 """Where numbers go: ``metrics.jsonl`` (always), W&B (online/offline/off) and a progress bar.
 
 Only the main process writes. ``metrics.jsonl`` is the machine-readable history that does not
-depend on W&B: one JSON object per logged step. On resume the rows after the checkpoint's step
-are dropped first, so the file reads as one uninterrupted run. The W&B run id is kept in the
-checkpoint so a resumed (or requeued) job continues the same W&B run.
+depend on W&B: one JSON object per logged step. What it holds after a resume from a checkpoint at
+step ``k``: the rows written before that checkpoint (all with ``step <= k``; the checkpoint records
+how many, so a row logged at step ``k`` after it, like the end-of-epoch kNN that the resumed run
+redoes, is not kept twice), as first written, then the resumed run's rows. The rows a killed run
+had logged after its checkpoint are dropped when the resumed run starts,
+by writing the kept rows to a temporary file and renaming it over the old one (a kill during the
+resume leaves either the old or the new file, never a mix), and a torn last line left by a kill
+mid-write is dropped too. So the file reads as one uninterrupted run, and after a bitwise-exact
+resume it equals the uninterrupted run's file except for timings. The W&B run id is kept in the
+checkpoint; ``selfsup.pretrain.wandb_resume`` decides how W&B is made to agree (same run after a
+clean stop; after a kill a linked new run with the kept history re-logged, or a rewound run).
 """
 
 from __future__ import annotations
@@ -29,30 +37,24 @@ class RunLog:
         total_steps: int,
         start_step: int,
         wandb_id: str | None,
+        keep_rows: int | None = None,
     ) -> None:
         self.is_main = is_main
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         self.wandb_id = wandb_id
         self.bar = None
+        self.run_dir, self.step, self.rows = run_dir, start_step, 0  # rows: lines in metrics.jsonl
         if not is_main:
             return
-        self._truncate_after(start_step)
+        self._truncate_after(start_step, keep_rows)
         if cfg.log.wandb != "off":
-            import wandb
+            from selfsup.pretrain.wandb_resume import open_run
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
-                project=cfg.log.project,
-                entity=cfg.log.entity,
-                name=cfg.log.name or run_dir.name,
-                tags=cfg.log.tags,
-                dir=str(run_dir),
-                mode=cfg.log.wandb,
-                id=wandb_id,
-                resume="allow",
-                config=to_dict(cfg),
-            )
+            kwargs = {"project": cfg.log.project, "entity": cfg.log.entity, "name": cfg.log.name or run_dir.name,
+                      "tags": cfg.log.tags, "dir": str(run_dir), "mode": cfg.log.wandb, "config": to_dict(cfg)}  # fmt: skip
+            self.wandb = open_run(kwargs, wandb_id, start_step, cfg.log.wandb_resume, run_dir, self.path)
             self.wandb_id = self.wandb.id
         if cfg.log.progress:
             # in a log file (SLURM, CI) a redraw every few seconds would bury the output
@@ -60,12 +62,25 @@ class RunLog:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                             dynamic_ncols=True, mininterval=0.5 if interactive else 60)  # fmt: skip
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, keep_rows: int | None) -> int:
+        """Keep the rows written before the checkpoint: the first ``keep_rows`` (the checkpoint
+        says how many there were), else those with ``step <= step``; atomically. Returns how many
+        rows were dropped."""
         if not self.path.exists():
-            return
-        rows = [r for r in self.path.read_text().splitlines() if r.strip()]
-        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in keep))
+            return 0
+        lines = [r for r in self.path.read_text().splitlines() if r.strip()]
+        keep = [line for line, row in zip(lines, map(_parse, lines), strict=True) if row and row.get("step", 0) <= step]
+        keep = keep[:keep_rows] if keep_rows is not None else keep
+        self.rows = len(keep)
+        if len(keep) == len(lines):
+            return 0
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write("".join(r + "\n" for r in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        return len(lines) - len(keep)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:
@@ -73,6 +88,7 @@ class RunLog:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.rows += 1
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
@@ -80,6 +96,7 @@ class RunLog:
             self.bar.set_postfix(shown, refresh=False)
 
     def advance(self, n: int = 1) -> None:
+        self.step += n
         if self.bar is not None:
             self.bar.update(n)
 
@@ -98,6 +115,17 @@ class RunLog:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+            from selfsup.pretrain.wandb_resume import mark_closed
+
+            mark_closed(self.run_dir, self.wandb.id, self.step)
+            self.wandb = None
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # the torn last line of a killed writer
+        return None
 
 
 def _plain(v: Any) -> Any:

@@ -37,14 +37,13 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from selfsup.config import Config, ConfigError
 from selfsup.pretrain.build import build_method, data_info
 from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
+from selfsup.pretrain.guard import FiniteGuard
 from selfsup.pretrain.hooks import HookContext, TrainHook
 from selfsup.pretrain.methods import StepContext
 from selfsup.pretrain.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.rundir import (
-    CheckpointError,
     checkpoint_dir,
-    latest_checkpoint,
-    load_checkpoint,
+    resume_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -96,7 +95,7 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
             f"data.batch_size={cfg.data.batch_size} must be divisible by processes x train.accumulate "
             f"= {world} x {tc.accumulate}"
         )
-    shards = ShardSet.open(cfg.data.train)
+    shards = ShardSet.open(cfg.data.train, on_bad_shard=cfg.data.on_bad_shard)
     if cfg.eval.every_epochs and cfg.data.test and not shards.labelled:
         raise ConfigError(
             f"eval.every_epochs={cfg.eval.every_epochs} runs kNN with data.train as the labelled "
@@ -135,9 +134,8 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
     ckpt_dir = checkpoint_dir(run_dir)
     step = epoch = batch_in_epoch = 0
     wandb_id = None
-    found = _find_resume(ckpt_dir, resume)
+    found, state = resume_state(ckpt_dir, resume)  # newest that loads; loud fallback if latest is damaged
     if found is not None:
-        state = load_checkpoint(found)
         _check_compatible(state, world, cfg)
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -147,12 +145,14 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         wandb_id = state.get("wandb_id")
         set_rng_state(state["rng"][rank])
+        if "loader" in state:  # corrupt/padded counters (checkpoints before they existed lack it)
+            loader.load_state_dict(state["loader"][rank])
         accelerator.print(f"resumed from {found} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     else:
         set_seed(tc.seed + rank, device_specific=False)  # different augmentations per rank
     if main:
         write_run_files(run_dir, cfg, info)
-    log = RunLog(run_dir, cfg, main, total_steps, step, wandb_id)
+    log = RunLog(run_dir, cfg, main, total_steps, step, wandb_id, state.get("metrics_rows") if found else None)
     step_ctx = StepContext(forward=model, backward=accelerator.backward,
                            no_sync=lambda: accelerator.no_sync(model))  # fmt: skip
 
@@ -161,6 +161,7 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
 
     def checkpoint(reason: str) -> Path | None:
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        loaders = gather_object([loader.state_dict()]) if world > 1 else [loader.state_dict()]
         path = None
         if main:
             state = {
@@ -171,7 +172,7 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
                 "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "world_size": world, "workers": cfg.data.workers,
                 "global_batch": cfg.data.batch_size, "accumulate": tc.accumulate,
-                "rng": rngs, "wandb_id": log.wandb_id, "reason": reason,
+                "rng": rngs, "loader": loaders, "wandb_id": log.wandb_id, "reason": reason, "metrics_rows": log.rows,
             }  # fmt: skip
             path = save_checkpoint(ckpt_dir, step, state, keep=tc.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -179,11 +180,13 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
 
     # ---- the loop
     nan_skips = 0
+    guard = FiniteGuard(accelerator.device, check_grads=accelerator.scaler is None)  # fp16: the scaler's job
     model.train()
     t_last = time.perf_counter()
     wait = busy = 0.0
     images_seen = 0
     max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+    grad_norm = float("nan")
     while step < total_steps:
         loader.set_epoch(epoch, batch_in_epoch * tc.accumulate)
         remaining = (steps_per_epoch - batch_in_epoch) * tc.accumulate  # whole steps only
@@ -195,9 +198,8 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
             wait += t_got - t_fetch
             micro += 1
             last_micro = micro == tc.accumulate
-            if micro == 1:  # BatchNorm statistics before this step, to undo a non-finite forward
-                buffers = [b.detach().clone() for b in method.buffers()]
-                bad_loss = torch.zeros((), device=accelerator.device)
+            if micro == 1:  # what the step changes besides the weights, to undo a non-finite step
+                guard.begin(method, loader)
             if method.owns_backward:
                 with nullcontext() if last_micro else accelerator.no_sync(model):
                     loss, logs = method.train_step(images, step_ctx)
@@ -205,37 +207,33 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
                 with nullcontext() if last_micro else accelerator.no_sync(model):
                     loss, logs = model(images)
                     accelerator.backward(loss / tc.accumulate)
-            bad_loss += (~torch.isfinite(loss.detach())).float()  # every micro-batch, on the device
+            guard.loss(loss)  # every micro-batch; a device flag, no sync
             images_seen += images.shape[0] * world
             if not last_micro:
                 t_fetch = time.perf_counter()
                 continue
             micro = 0
 
-            grad_norm_t = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            bad_grad = (~torch.isfinite(grad_norm_t)).float().to(bad_loss.device)
-            signalled = torch.tensor(float(stop.signal is not None), device=bad_loss.device)
-            # the step's one host sync: is everything finite on every rank, did anyone get a signal
-            flags = torch.stack([bad_loss, bad_grad, signalled])
-            flags = (accelerator.reduce(flags, "sum") if world > 1 else flags).cpu()
-            finite = flags[0] == 0 and flags[1] == 0
+            # every rank agrees on: all losses and the gradient norm finite everywhere, a stop signal anywhere
+            norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            finite, stopping = guard.agree(norm, stop.signal is not None, world, accelerator.reduce)
+            if not finite:
+                guard.undo(method, loader, everything=tc.nan_policy == "stop")
             if finite:
+                grad_norm = float(norm)
                 optimizer.step()
-            else:
+            elif tc.nan_policy == "stop":
                 optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for b, saved in zip(method.buffers(), buffers, strict=True):
-                        b.copy_(saved)
-                if tc.nan_policy == "stop":
-                    what = "loss" if flags[0] > 0 else "gradient norm"
-                    path = checkpoint(f"non-finite {what}")
-                    raise TrainingError(
-                        f"non-finite {what} at step {step} (epoch {epoch}, batch "
-                        f"{batch_in_epoch}) on at least one rank; stopped before updating. Checkpoint "
-                        f"of the state before this step: {path or ckpt_dir}. Lower optim.base_lr, set "
-                        f"train.grad_clip, or use train.nan_policy=skip."
-                    )
+                path = checkpoint("non-finite loss")
+                raise TrainingError(
+                    f"non-finite loss at step {step} (epoch {epoch}, batch {batch_in_epoch}) on at least one "
+                    f"rank (a micro-batch's loss or the gradient norm); stopped before updating. Checkpoint of "
+                    f"the state before this step: {path or ckpt_dir}. "
+                    f"Lower optim.base_lr, set train.grad_clip, or use train.nan_policy=skip."
+                )
+            else:
                 nan_skips += 1
+                grad_norm = float("nan")
                 if nan_skips > tc.max_nan_skips:
                     raise TrainingError(f"{nan_skips} steps with non-finite loss (> train.max_nan_skips)")
             optimizer.zero_grad(set_to_none=True)
@@ -261,13 +259,12 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
                 row.update(
                     lr=scheduler.get_last_lr()[0], epoch=epoch,
                     img_per_s=images_seen / max(now - t_last, 1e-9), data_wait=wait / max(wait + busy, 1e-9),
-                    grad_norm=float(grad_norm_t) if finite else float("nan"),
-                    corrupt=loader.corrupt, padded=loader.padded, nan_skips=nan_skips,
+                    grad_norm=grad_norm, **loader.counters(), nan_skips=nan_skips,
                 )  # fmt: skip
                 log.log(step, row)
                 t_last, wait, busy, images_seen = now, 0.0, 0.0, 0
 
-            if flags[2] > 0:
+            if stopping:
                 path = checkpoint(f"signal {stop.signal or 'on another rank'}")
                 accelerator.print(f"stopping on signal at step {step}; checkpoint {path or ckpt_dir}")
                 log.close()
@@ -293,18 +290,6 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
-
-
-def _find_resume(ckpt_dir: Path, resume: str | None) -> Path | None:
-    if resume is None:
-        if latest_checkpoint(ckpt_dir) is not None:
-            raise CheckpointError(
-                f"{ckpt_dir} already has checkpoints: pass --resume auto to continue, or choose a new run_dir"
-            )
-        return None
-    if resume == "auto":
-        return latest_checkpoint(ckpt_dir)
-    return Path(resume)
 
 
 def _check_compatible(state: dict, world: int, cfg: Config) -> None:

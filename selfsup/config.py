@@ -80,6 +80,7 @@ class DataConfig:
     # shards of this side in px (0: augment.size, else 64); unreadable images: error | skip
     folder_size: int = 0
     on_bad_image: str = "error"
+    on_bad_shard: str = "error"  # error | skip: a missing/truncated shard stops the run, or is left out (logged)
 
     def check(self) -> None:
         _positive("data", self, "batch_size")
@@ -92,6 +93,7 @@ class DataConfig:
         if self.folder_size < 0:
             raise ValueError(f"data.folder_size: must be >= 0 (0: augment.size, else 64), got {self.folder_size}")
         _one_of("data.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        _one_of("data.on_bad_shard", self.on_bad_shard, ("error", "skip"))
 
 
 class MethodConfig:
@@ -184,9 +186,11 @@ class LogConfig:
     name: str | None = None  # W&B run name; default: the run directory's name
     tags: list[str] = field(default_factory=list)
     progress: bool = True  # progress bar on rank 0
+    wandb_resume: str = "auto"  # after a kill: new (linked run, history re-logged) | rewind | auto (offline: new, online: rewind)
 
     def check(self) -> None:
         _one_of("log.wandb", self.wandb, WANDB_MODES)
+        _one_of("log.wandb_resume", self.wandb_resume, ("auto", "new", "rewind"))
 
 
 @dataclass

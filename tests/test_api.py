@@ -41,3 +41,31 @@ def test_pretrain_evaluate_export_round_trip(tmp_path: Path, small_shards: str) 
     model = selfsup.load_backbone(folder)
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, model.feature_dim)
+
+
+@pytest.mark.slow  # a real tiny pretraining with W&B offline, then its eval: ~40 s
+def test_eval_goes_into_the_pretraining_wandb_run(tmp_path: Path, small_shards: str, monkeypatch) -> None:
+    """W&B holds the whole run: the eval reopens the pretraining's run (same id) and writes the
+    summary metrics, the report table and the pictures; read back from the offline files."""
+    from wandb_records import complete, records
+
+    from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    settings = {**SMALL, "log__wandb": "offline"}
+    run = selfsup.pretrain(None, data__train=small_shards, run_dir=str(tmp_path / "run"), **settings)
+    wandb_id = load_checkpoint(latest_checkpoint(run / "checkpoints"))["wandb_id"]
+    report = selfsup.evaluate(run, train_shards=small_shards, test_shards=small_shards,
+                              protocols=("knn", "plot"), knn_k=(5,), baselines=("raw_pixels",))
+    assert report["meta"]["wandb_run"] == wandb_id
+    files = sorted((run / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+    assert len(files) == 2  # pretraining, then the eval in the same run
+    recs = records(complete(files[-1]))
+    kinds = [r.WhichOneof("record_type") for r in recs]
+    assert recs[kinds.index("run")].run.run_id == wandb_id
+    summary = {i.key or i.nested_key[0] for r in recs if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update}  # fmt: skip
+    assert {"eval/pretrained/knn_top1_k5", "eval/raw_pixels/knn_top1_k5"} <= summary
+    logged = {i.key or i.nested_key[0] for r in recs if r.WhichOneof("record_type") == "history"
+              for i in r.history.item}  # media are nested: ("eval/report", "_type"), ...
+    assert {"eval/report", "eval/embedding_pca"} <= logged

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optional_deps import import_or_skip
 from reference_archs import timm_vit_keys, torchvision_resnet_keys
 from safetensors.torch import load_file
 from torch import nn
@@ -215,7 +216,7 @@ def test_resnet50_names_and_shapes_match_torchvision():
 
 
 def test_loads_into_torchvision_with_only_fc_missing(tmp_path):
-    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    torchvision = import_or_skip("torchvision", "torchvision not installed")
     run_dir = tmp_path / "run"
     make_run(run_dir, ["model.backbone=resnet18", "model.stem=imagenet"], RGB32)
     export_run(run_dir, tmp_path / "e")
@@ -230,7 +231,7 @@ def test_loads_into_torchvision_with_only_fc_missing(tmp_path):
 
 
 def test_onnx_export_matches_pytorch(small_run, tmp_path):
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (selfsup[onnx])")
+    ort = import_or_skip("onnxruntime", "onnxruntime not installed (selfsup[onnx])")
     run_dir, trained = small_run
     paths = export_run(run_dir, tmp_path / "e", onnx=True)
     assert paths["onnx"] == tmp_path / "e" / ONNX_FILE

@@ -20,134 +20,30 @@ The rule (documented for users in the README):
 * Resume: ``set_epoch(epoch, start_batch=k)`` replays the same plan and discards the first ``k``
   batches without decoding them, so no sample is repeated or skipped within the epoch. Resuming
   needs the same world size and worker count (the checkpoint stores both and the trainer checks).
-* Corrupt data: an undecodable sample, a sample with a missing field, or the unread tail of a
-  truncated tar is skipped and counted; to keep the batch count, the worker fills the gap with a
-  random earlier good sample (counted as ``padded``). More than ``max_corrupt_fraction`` of a
-  worker's block corrupt is an error.
+* Corrupt data: an undecodable sample, a sample with a missing field, or a sample lost in the
+  unread tail of a truncated tar is skipped and counted (``corrupt``). Batch ``j`` of a worker is
+  always made of the same ``batch_sizes[j]`` source positions, readable or not, so a resume point
+  means the same samples however many were unreadable before it; the gap is filled with readable
+  samples drawn (seeded per batch) from the worker's first ``POOL`` readable ones (``padded``).
+  More than ``max_corrupt_fraction`` of a worker's block corrupt is an error. ``ShardLoader``'s
+  ``state_dict()`` carries the counters through a checkpoint.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from itertools import chain, islice, repeat
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from selfsup.pretrain.data.shards import FORMAT, MANIFEST
+from selfsup.pretrain.data.shardset import ShardError, ShardSet, rank_and_world  # noqa: F401 - re-exported
 
-_REQUIRED = ("format", "encoding", "extension", "image_size", "channels", "classes", "num_samples", "shards")
-
-
-class ShardError(ValueError):
-    """A shard set is missing, empty, inconsistent with its manifest, or too corrupt to use."""
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
-
-
-class ShardSet:
-    """A verified shard set: ``ShardSet.open(folder or URL prefix)``."""
-
-    def __init__(self, base: str, manifest: dict) -> None:
-        self.base = base
-        self.manifest = manifest
-        self.shards: list[dict] = manifest["shards"]
-        self.urls = [f"{base.rstrip('/')}/{s['file']}" for s in self.shards]
-        self.counts = [int(s["num_samples"]) for s in self.shards]
-        self.num_samples = int(manifest["num_samples"])
-        self.classes: list[str] = list(manifest["classes"])
-        self.labelled = bool(manifest.get("labelled", True))  # no .cls members when false
-        self.channels = int(manifest["channels"])
-        self.height, self.width = (int(v) for v in manifest["image_size"])
-        self.extension: str = manifest["extension"]
-        self.mean: list[float] = list(manifest.get("mean") or [0.5] * self.channels)
-        self.std: list[float] = list(manifest.get("std") or [0.25] * self.channels)
-
-    @property
-    def image_size(self) -> int:
-        if self.height != self.width:
-            raise ShardError(f"{self.base}: images are {self.height}x{self.width}; models need square images")
-        return self.height
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.height, self.width)
-
-    @classmethod
-    def open(cls, path: str | Path, verify_hashes: bool = False) -> ShardSet:
-        """Read and check the manifest; for local sets also check every shard file exists with the
-        recorded size (and sha256 when ``verify_hashes``)."""
-        path = str(path)
-        if path.endswith(MANIFEST):
-            path = path[: -len(MANIFEST)].rstrip("/") or "."
-        if _is_url(path):
-            with wds.gopen(f"{path.rstrip('/')}/{MANIFEST}", "rb") as f:
-                manifest = json.load(f)
-        else:
-            folder = Path(path)
-            if not folder.exists():
-                raise ShardError(f"shard set not found: {folder}")
-            mpath = folder / MANIFEST
-            if not mpath.is_file():
-                raise ShardError(f"{folder} has no {MANIFEST} (write shards with 'selfsup shards')")
-            try:
-                manifest = json.loads(mpath.read_text())
-            except json.JSONDecodeError as e:
-                raise ShardError(f"{mpath} is not valid JSON: {e}") from e
-        missing = [k for k in _REQUIRED if k not in manifest]
-        if missing:
-            raise ShardError(f"{path}/{MANIFEST} lacks {', '.join(missing)}")
-        if manifest["format"] != FORMAT:
-            raise ShardError(f"{path}/{MANIFEST}: format {manifest['format']!r}, expected {FORMAT!r}")
-        counts = [int(s["num_samples"]) for s in manifest["shards"]]
-        if not counts or manifest["num_samples"] <= 0:
-            raise ShardError(f"{path}: the shard set is empty")
-        if sum(counts) != manifest["num_samples"]:
-            raise ShardError(f"{path}/{MANIFEST}: shards hold {sum(counts)} samples, total says {manifest['num_samples']}")
-        shardset = cls(path, manifest)
-        if not _is_url(path):
-            shardset._check_files(verify_hashes)
-        return shardset
-
-    def _check_files(self, verify_hashes: bool) -> None:
-        from selfsup.pretrain.data.shards import _sha256
-
-        for shard, url in zip(self.shards, self.urls, strict=True):
-            p = Path(url)
-            if not p.is_file():
-                raise ShardError(f"shard listed in the manifest is missing: {p}")
-            if "bytes" in shard and p.stat().st_size != shard["bytes"]:
-                raise ShardError(
-                    f"{p}: {p.stat().st_size} bytes on disk, manifest says {shard['bytes']} "
-                    "(truncated or replaced?)"
-                )
-            if verify_hashes and shard.get("sha256") and _sha256(p) != shard["sha256"]:
-                raise ShardError(f"{p}: sha256 differs from the manifest")
-
-    def decode(self, sample: dict) -> tuple[np.ndarray, int, str]:
-        """Raw tar sample -> (uint8 [C, H, W], label (-1 if unlabelled), key). Raises on anything malformed."""
-        payload = sample[self.extension]
-        if self.extension == "u8":
-            img = np.frombuffer(payload, dtype=np.uint8)
-            if img.size != self.channels * self.height * self.width:
-                raise ValueError(f"raw payload of {img.size} bytes, expected {self.channels * self.height * self.width}")
-            img = img.reshape(self.height, self.width, self.channels)
-        else:
-            with Image.open(io.BytesIO(payload)) as im:
-                img = np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.uint8)
-            if img.ndim == 2:
-                img = img[..., None]
-            if img.shape != (self.height, self.width, self.channels):
-                raise ValueError(f"image of shape {img.shape}, manifest says {(self.height, self.width, self.channels)}")
-        return img.transpose(2, 0, 1), int(sample["cls"]) if self.labelled else -1, sample["__key__"]
+POOL = 256  # readable samples a worker keeps to pad batches with
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -233,6 +129,8 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.shuffle_buffer, self.max_corrupt_fraction = shuffle_buffer, max_corrupt_fraction
         self.epoch, self.start_batch = 0, 0
+        # per plan index: (corrupt, padded) this epoch before start_batch (from a checkpoint)
+        self.start_counts: dict[int, tuple[int, int]] = {}
 
     def plan(self) -> tuple[list[WorkerPlan], int]:
         return plan_epoch(
@@ -243,13 +141,15 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.plan()[1]
 
-    def _raw(self, segments, counter: dict) -> Iterator[dict]:
-        """Raw samples of the worker's segments; a truncated/unreadable tar counts its missing tail."""
+    def _raw(self, segments, errors: list[str]) -> Iterator[dict | None]:
+        """Raw samples of the worker's segments, one per source position. The unread tail of a
+        truncated or unreadable tar yields ``None`` per missing sample, so every later sample keeps
+        its position (and its batch) whatever was lost before it."""
         for shard, lo, hi in segments:
             got = 0
-            errors: list[Exception] = []
+            errs: list[Exception] = []
             src = wds.tariterators.tarfile_samples(
-                [{"url": self.ss.urls[shard]}], handler=lambda exn, errors=errors: errors.append(exn) or True
+                [{"url": self.ss.urls[shard]}], handler=lambda exn, errs=errs: errs.append(exn) or True
             )
             for i, sample in enumerate(src):
                 if i >= hi:
@@ -257,9 +157,9 @@ class ShardStream(IterableDataset):
                 if i >= lo:
                     got += 1
                     yield sample
-            counter["corrupt"] += (hi - lo) - got
             if got < hi - lo:
-                counter.setdefault("errors", []).append(f"{self.ss.urls[shard]}: {errors[:1] or 'short'}")
+                errors.append(f"{self.ss.urls[shard]}: {errs[:1] or 'short'}")
+                yield from [None] * (hi - lo - got)
 
     def _shuffled(self, it: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         if not self.shuffle or self.shuffle_buffer <= 1:
@@ -276,81 +176,95 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
+    def _decode(self, raw: dict | None) -> tuple[np.ndarray, int, str] | None:
+        if raw is None:
+            return None
+        try:
+            return self.ss.decode(raw)
+        except Exception:  # noqa: BLE001 - any malformed sample is skipped and counted
+            return None
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        workers = max(self.workers, 1)
         # The DataLoader always asks its worker 0 first; after a resume at batch k the next batch
         # belongs to plan k % workers, so DataLoader worker d plays plan (d + k) % workers.
-        wid = ((info.id if info is not None else 0) + self.start_batch) % max(self.workers, 1)
+        wid = ((info.id if info is not None else 0) + self.start_batch) % workers
         plans, _ = self.plan()
         if wid >= len(plans):  # more DataLoader workers than planned: nothing for this one
             return
         plan = plans[wid]
-        rng = _sample_seed(self.seed, self.epoch, self.rank, wid)
-        pad_rng = _sample_seed(self.seed, self.epoch, self.rank, wid, 1)  # separate: replay-safe
-        counter = {"corrupt": 0, "padded": 0}
         block = sum(plan.batch_sizes)
-        # batches this worker already delivered before the resume point
-        skip = len(range(wid, self.start_batch, max(self.workers, 1)))
-        skip_samples = sum(plan.batch_sizes[:skip])
-        stream = self._shuffled(self._raw(plan.segments, counter), rng)
-        pool: list[tuple[np.ndarray, int, str]] = []
-        emitted = 0
-        batch: list[tuple[np.ndarray, int, str]] = []
-        sizes = iter(plan.batch_sizes[skip:])
-        want = next(sizes, 0)
-        for raw in stream:
-            if emitted < skip_samples:  # replaying up to the resume point: no decoding
-                emitted += 1
-                continue
-            try:
-                item = self.ss.decode(raw)
-            except Exception:  # noqa: BLE001 - any malformed sample is skipped and counted
-                counter["corrupt"] += 1
-                continue
-            if len(pool) < 256:
+        # Batch j of this worker is made of exactly batch_sizes[j] source positions, readable or
+        # not, so the batches delivered before the resume point span a known number of positions.
+        skip = len(range(wid, self.start_batch, workers))
+        skip_positions = sum(plan.batch_sizes[:skip])
+        corrupt, padded = self.start_counts.get(wid, (0, 0))
+        errors: list[str] = []
+        source = self._shuffled(self._raw(plan.segments, errors), _sample_seed(self.seed, self.epoch, self.rank, wid))
+        # every position of the block, even if the tars hold fewer samples than the manifest says
+        positions = islice(chain(source, repeat(None)), block)
+        pool: list[tuple[np.ndarray, int, str]] = []  # the block's first readable samples: padding
+        for _ in range(skip_positions):  # replay to the resume point, decoding only for the pool
+            raw = next(positions)
+            if len(pool) < POOL and (item := self._decode(raw)) is not None:
                 pool.append(item)
-            else:
-                pool[int(pad_rng.integers(256))] = item
-            batch.append(item)
-            emitted += 1
-            if len(batch) == want:
-                yield self._collate(batch, counter, wid)
-                batch, want = [], next(sizes, 0)
-        self._check_corrupt(counter, block)
-        while want:  # the block ran short because of corrupt data: pad with earlier good samples
-            if not pool:
-                raise ShardError(f"worker {wid}: no readable sample in its shards; {counter.get('errors')}")
-            batch.append(pool[int(pad_rng.integers(len(pool)))])
-            counter["padded"] += 1
-            if len(batch) == want:
-                yield self._collate(batch, counter, wid)
-                batch, want = [], next(sizes, 0)
+        for j in range(skip, len(plan.batch_sizes)):
+            batch: list[tuple[np.ndarray, int, str]] = []
+            for raw in islice(positions, plan.batch_sizes[j]):
+                item = self._decode(raw)
+                if item is None:
+                    corrupt += 1
+                    continue
+                batch.append(item)
+                if len(pool) < POOL:
+                    pool.append(item)
+            self._check_corrupt(corrupt, block, errors)
+            missing = plan.batch_sizes[j] - len(batch)
+            if missing:  # fill the gap with earlier readable samples, drawn per batch (replay-safe)
+                if not pool:
+                    raise ShardError(f"worker {wid}: no readable sample in its first batches; {errors[:3]}")
+                pick = _sample_seed(self.seed, self.epoch, self.rank, wid, 1, j).integers(len(pool), size=missing)
+                batch.extend(pool[int(i)] for i in pick)
+                padded += missing
+            yield self._collate(batch, (corrupt, padded), wid)
 
-    def _check_corrupt(self, counter: dict, block: int) -> None:
-        if block and counter["corrupt"] / block > self.max_corrupt_fraction:
+    def _check_corrupt(self, corrupt: int, block: int, errors: list[str]) -> None:
+        if block and corrupt / block > self.max_corrupt_fraction:
             raise ShardError(
-                f"{counter['corrupt']} of {block} samples unreadable in this worker's shards "
+                f"{corrupt} of {block} samples unreadable in this worker's shards "
                 f"(> data.max_corrupt_fraction={self.max_corrupt_fraction}); first problems: "
-                f"{counter.get('errors', ['undecodable samples'])[:3]}"
+                f"{errors[:3] or ['undecodable samples']}"
             )
 
     @staticmethod
-    def _collate(items: list, counter: dict, wid: int) -> dict:
+    def _collate(items: list, counts: tuple[int, int], wid: int) -> dict:
         return {
             "images": torch.from_numpy(np.stack([i[0] for i in items])),
             "labels": torch.tensor([i[1] for i in items], dtype=torch.int64),
             "keys": [i[2] for i in items],
-            "corrupt": counter["corrupt"],
-            "padded": counter["padded"],
+            "corrupt": counts[0],
+            "padded": counts[1],
             "worker": wid,
         }
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer: SLURM and torchrun signal every
+    process of a job, and a worker dying of the signal would crash the trainer ("DataLoader worker
+    is killed by signal") instead of letting it checkpoint and stop, or report a lost rank. A
+    worker still ends with its trainer (it watches its parent)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardLoader:
     """A DataLoader over ``ShardStream`` for one rank; ``len()`` is the same on every rank.
 
-    Use ``set_epoch(epoch, start_batch)`` before iterating. ``corrupt``/``padded`` hold the counts
-    seen so far in the current epoch (summed over workers).
+    Use ``set_epoch(epoch, start_batch)`` before iterating. ``corrupt``/``padded`` count the
+    unreadable samples skipped and the padding drawn so far in this run (all epochs, all workers of
+    this rank). ``state_dict()`` after a batch, ``load_state_dict()`` before ``set_epoch`` on
+    resume: the counters then continue as if the run had not stopped.
     """
 
     def __init__(self, stream: ShardStream, pin_memory: bool = False) -> None:
@@ -365,21 +279,70 @@ class ShardLoader:
             # its own generator: otherwise every new iterator draws a seed from the global torch
             # RNG, which the augmentations use too, and a resumed run would draw different views
             generator=torch.Generator().manual_seed(stream.seed),
+            worker_init_fn=_ignore_stop_signals,
         )
-        self.corrupt = self.padded = 0
+        self._epoch = 0
+        self._before = (0, 0)  # totals of the epochs before self._epoch
+        self._workers: dict[int, tuple[int, int]] = {}  # this epoch, per plan index
+        self._workers_before: dict[int, tuple[int, int]] = {}
+
+    @property
+    def corrupt(self) -> int:
+        return self._before[0] + sum(c for c, _ in self._workers.values())
+
+    @property
+    def padded(self) -> int:
+        return self._before[1] + sum(p for _, p in self._workers.values())
+
+    def counters(self) -> dict[str, int]:
+        """What the trainer logs: unreadable samples and padding so far, summed over all ranks
+        when a process group is up (a collective: every rank calls it at the same step), and the
+        shards left out at open (the same on every rank)."""
+        counts = torch.tensor([self.corrupt, self.padded], dtype=torch.int64)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            counts = counts.to(dev)
+            dist.all_reduce(counts)
+        corrupt, padded = counts.tolist()
+        return {"corrupt": corrupt, "padded": padded, "skipped_shards": len(self.stream.ss.skipped)}
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch != self._epoch:
+            self._before, self._workers, self._epoch = (self.corrupt, self.padded), {}, epoch
+            self._workers_before = {}
         self.stream.epoch, self.stream.start_batch = epoch, start_batch
+        self.stream.start_counts = dict(self._workers)
+
+    def state_dict(self, before_last_batch: bool = False) -> dict:
+        """Plain values (``torch.load(weights_only=True)`` reads them back); ``before_last_batch``:
+        as it was before the batch last yielded (the trainer's state before a step it undoes)."""
+        workers = self._workers_before if before_last_batch else self._workers
+        return {"epoch": self._epoch, "before": list(self._before),
+                "workers": {int(w): list(v) for w, v in workers.items()},
+                "num_samples": self.stream.ss.num_samples,
+                "skipped": [s["file"] for s in self.stream.ss.skipped]}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        now = [s["file"] for s in self.stream.ss.skipped]
+        if state.get("skipped", []) != now or state.get("num_samples", self.stream.ss.num_samples) != self.stream.ss.num_samples:
+            raise ShardError(
+                f"the shard set changed since the checkpoint ({state.get('num_samples')} samples, skipped "
+                f"{state.get('skipped', [])}; now {self.stream.ss.num_samples}, skipped {now}): the data "
+                "position would not mean the same samples"
+            )
+        self._epoch = int(state["epoch"])
+        self._before = tuple(int(v) for v in state["before"])
+        self._workers = {int(w): (int(c), int(p)) for w, (c, p) in state["workers"].items()}
+        self._workers_before = dict(self._workers)
 
     def __len__(self) -> int:
         return len(self.stream)
 
     def __iter__(self) -> Iterator[dict]:
-        per_worker: dict[int, tuple[int, int]] = {}
         for batch in self.loader:
-            per_worker[batch["worker"]] = (batch["corrupt"], batch["padded"])
-            self.corrupt = sum(c for c, _ in per_worker.values())
-            self.padded = sum(p for _, p in per_worker.values())
+            self._workers_before = dict(self._workers)
+            self._workers[batch["worker"]] = (batch["corrupt"], batch["padded"])
             yield batch
 
 

@@ -218,19 +218,43 @@ class MAE(Method):
         loss = self.loss(self.views(images, n_views=1)[0])
         return loss, {}  # the loop logs the loss itself, averaged over ranks
 
+    @property
+    def reconstruction_caption(self) -> str:
+        """What the reconstruction row of the picture shows (drawn on the grid)."""
+        if self.cfg.norm_pix_loss:
+            return ("hidden patches: the predicted standardised pixels (norm_pix_loss) shown at the mean "
+                    "and std of the image's visible patches; each hidden patch's own statistics are unknown "
+                    "to the model and not used")  # fmt: skip
+        return "hidden patches: the predicted pixels; visible patches: the input"
+
+    @torch.no_grad()
+    def anomaly_score(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-image error in the space the decoder is trained in: mean over the hidden patches of
+        the squared difference between prediction and target (with ``norm_pix_loss`` the target
+        is the patch standardised by its own mean/var, so the prediction, made from the visible
+        patches only, is never de-normalised with the statistics of the patch it is scored on)."""
+        x = self.plain_views(images, n_views=1)[0]
+        pred, masking = self.predict(x, generator)
+        target = patch_targets(x, self.patch_size, self.cfg.norm_pix_loss)
+        per_patch = ((pred.to(target.dtype) - target) ** 2).mean(dim=-1)
+        return (per_patch * masking.mask).sum(1) / masking.mask.sum(1)
+
     @torch.no_grad()
     def reconstruct(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Un-augmented images, their masked version (hidden patches grey) and the prediction
-        pasted into the hidden patches, all as float images in [0, 1]."""
+        pasted into the hidden patches, all as float images in [0, 1] (see
+        ``reconstruction_caption`` for how a norm_pix prediction is shown)."""
         x = self.plain_views(images, n_views=1)[0]
         pred, masking = self.predict(x, generator)
         pred = pred.float()
-        if self.cfg.norm_pix_loss:  # undo the per-patch standardisation with the true statistics
-            target = patchify(x.float(), self.patch_size)
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
+        if self.cfg.norm_pix_loss:  # de-standardise with the VISIBLE patches' statistics only
+            patches = patchify(x.float(), self.patch_size)
+            seen = (1 - masking.mask).unsqueeze(-1)  # [B, N, 1]
+            count = seen.sum(dim=1, keepdim=True) * patches.shape[-1]
+            mean = (patches * seen).sum(dim=(1, 2), keepdim=True) / count
+            var = (((patches - mean) ** 2) * seen).sum(dim=(1, 2), keepdim=True) / (count - 1).clamp(min=1)
             pred = pred * (var + 1e-6) ** 0.5 + mean
         shown = self.to_unit(x.float())
         predicted = self.to_unit(unpatchify(pred, self.patch_size, self.channels))

@@ -1,0 +1,59 @@
+"""When a collective fails, say which rank is gone instead of dumping a gloo/NCCL traceback.
+
+A rank that dies (killed, out of memory, its node lost) makes the others fail in their next
+collective: at once when its sockets are reset (a killed process), or after
+``train.dist_timeout_s`` when its node vanished without a word. The survivors then hold a roll
+call through the rendezvous store (the TCP store of the launcher on the first node, which
+outlives the trainers): each writes its rank and waits a few seconds for the others; the ranks
+that do not answer are reported as lost. If the store itself is unreachable, the first node (which
+hosts it) is the one that is gone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out", "timeout",
+           "socket", "peer", "c10d", "distbackend", "distnetwork", "diststore")  # fmt: skip
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in MARKERS)
+
+
+def diagnose(exc: BaseException, wait_s: float = 5.0) -> str:
+    """One line naming the lost rank(s), from a roll call among the survivors."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        store = c10d._get_default_store()
+        store.set(f"selfsup/rollcall/{rank}", "here")
+        budget, lost = wait_s, []
+        for r in range(world):
+            if r == rank:
+                continue
+            try:
+                store.wait([f"selfsup/rollcall/{r}"], datetime.timedelta(seconds=wait_s))
+            except Exception:  # noqa: BLE001 - no answer (a timeout): that rank is gone
+                lost.append(r)
+                wait_s = 0.1  # the others had the same time already
+    except Exception as e:  # noqa: BLE001 - the store is gone: its host (node 0) is
+        return (f"rank {rank} of {world}: lost contact with the rendezvous store at {where} ({type(e).__name__}); "
+                f"the first node (rank 0, which hosts the store) is gone. The collective failed with: {first}")  # fmt: skip
+    if not lost:
+        return (f"rank {rank} of {world}: a collective failed but every rank answered the roll call: {first}")
+    names = ", ".join(map(str, lost))
+    return (f"rank {rank} of {world}: rank(s) {names} of {world} stopped (no answer within {budget:.0f}s of the "
+            f"failure; rendezvous {where}). The collective failed with: {first}")  # fmt: skip
