@@ -131,10 +131,8 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
-        raise ExportError(
-            f"{path}: not a readable selfsup checkpoint (another kind of file, or a truncated/damaged one; "
-            f"cannot read checkpoint: {type(e).__name__}: {e})"
-        ) from e
+        raise ExportError(f"{path}: not a readable selfsup checkpoint (another kind of file, or truncated/damaged; "
+                          f"cannot read checkpoint: {type(e).__name__}: {e})") from e  # fmt: skip
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ExportError(f"{path}: not a selfsup checkpoint (expected a dict with 'model')")
     return ckpt
@@ -143,19 +141,14 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def read_run(path: str | Path) -> RunCheckpoint:
     """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``)."""
     path = Path(path)
-    if path.is_file():  # a checkpoint file: is it one at all, before looking for its run directory
-        run_dir, ckpt_path = path.parent.parent, path
-        ckpt = _torch_load(ckpt_path)
-        if not (run_dir / "config.yaml").is_file():
-            raise ExportError(
-                f"{path}: a selfsup checkpoint, but not inside a run directory (no {run_dir / 'config.yaml'}: "
-                "it must sit in RUN_DIR/checkpoints/ beside the run's config.yaml and data_info.json)"
-            )
-    elif path.is_dir():
-        run_dir, ckpt_path = path, latest_checkpoint(path)
-        ckpt = None
-    else:
+    if not path.exists():
         raise ExportError(f"{path}: no such run directory or checkpoint file")
+    # a file: is it a checkpoint at all, before looking for the run directory it should sit in
+    run_dir, ckpt_path = (path.parent.parent, path) if path.is_file() else (path, latest_checkpoint(path))
+    ckpt = _torch_load(ckpt_path) if path.is_file() else None
+    if ckpt is not None and not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{path}: a selfsup checkpoint, but not inside a run directory (no {run_dir / 'config.yaml'}: "
+                          "it must sit in RUN_DIR/checkpoints/ beside the run's config.yaml and data_info.json)")  # fmt: skip
     try:
         cfg = load_config(run_dir / "config.yaml")
     except ConfigError as e:
