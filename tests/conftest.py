@@ -49,3 +49,8 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("small")
     write_shards(iter(sub), out, sub.classes, ShardOptions(samples_per_shard=230, progress=False))
     return str(out)
+
+
+# The fault tests' shard sets and reference runs (tests/faultruns.py), registered here so that
+# test_faults.py and test_two_nodes.py share one session-wide copy instead of one per module.
+from faultruns import fault_refs_fixture, fault_sets_fixture  # noqa: E402, F401

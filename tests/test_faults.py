@@ -28,14 +28,12 @@ import numpy as np
 import pytest
 import torch
 from faultkit import kill_tree, start, wait_step
-from faultruns import (  # noqa: F401 - session fixtures fault_refs/_sets
+from faultruns import (
     STEPS,
     ckpts,
     command,
     differences,
-    fault_refs_fixture,
-    fault_sets_fixture,
-    rows,
+        rows,
 )
 from test_train import metrics
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import ENV, kill_tree, start, wait_step
-from faultruns import ckpts, differences, fault_refs_fixture, fault_sets_fixture, rows, train_args  # noqa: F401 - session fixtures fault_refs/_sets
+from faultruns import ckpts, differences, rows, train_args
 
 from selfsup.pretrain.rundir import load_checkpoint
 
