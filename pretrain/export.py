@@ -34,6 +34,7 @@ from selfsup._version import __version__
 from selfsup.config import Config, ConfigError, ModelConfig, from_dict
 from selfsup.data_info import DataInfo
 from selfsup.pretrain import rundir
+from selfsup.pretrain.methods import METHODS, Method
 from selfsup.tables import markdown_table
 
 FORMAT = "selfsup-backbone"
@@ -270,6 +271,12 @@ def _eval_section(run_dir: Path) -> str:
     return f"From `eval/report.json` of the run:\n\n{markdown_table(models)}\n"
 
 
+def _exported_network(method: str) -> str:
+    """The method's one-line note on which of its networks ``backbone.*`` is."""
+    entry = METHODS.get(method)
+    return entry.cls.exported if entry is not None else Method.exported
+
+
 def model_card(run: RunCheckpoint, meta: dict[str, Any]) -> str:
     """The README.md of an export: what it is, how it was trained, how well, how to load it."""
     cfg, info = run.cfg, run.info
@@ -287,6 +294,7 @@ Backbone only (no projection head, no classifier): it maps an image to a
 
 ## Training
 - Method: {cfg.method.name} ({json.dumps(dataclasses.asdict(getattr(cfg.method, cfg.method.name)))})
+- Exported network: {_exported_network(cfg.method.name)}
 - Data: `{cfg.data.train or "(not recorded)"}`
 - Steps: {run.step} optimiser steps (recipe: {cfg.train.epochs} epochs, max_steps {cfg.train.max_steps}),
   global batch {cfg.data.batch_size}, optimiser {cfg.optim.name} (base lr {cfg.optim.base_lr},
