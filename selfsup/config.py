@@ -176,9 +176,15 @@ class LogConfig:
     name: str | None = None  # W&B run name; default: the run directory's name
     tags: list[str] = field(default_factory=list)
     progress: bool = True  # progress bar on rank 0
+    # warn (once) when a method's collapse_std stays below this for collapse_patience logged steps
+    collapse_threshold: float = 0.1  # 0 = never warn
+    collapse_patience: int = 5
 
     def check(self) -> None:
         _one_of("log.wandb", self.wandb, WANDB_MODES)
+        if self.collapse_threshold < 0:
+            raise ValueError(f"log.collapse_threshold: must be >= 0 (0 = off), got {self.collapse_threshold}")
+        _positive("log", self, "collapse_patience")
 
 
 @dataclass
