@@ -6,7 +6,7 @@ gets a ``method.<name>`` section, ``method.name=<name>`` selects it, and the loo
 treat it like every other method.
 """
 
-from selfsup.pretrain.methods import dae, mae, simclr  # noqa: F401  (registers them)
+from selfsup.pretrain.methods import byol, dae, mae, simclr, simsiam  # noqa: F401  (registers them)
 from selfsup.pretrain.methods.base import Method, StepContext
 from selfsup.pretrain.methods.registry import METHODS, MethodEntry, method_entry, register_method
 
