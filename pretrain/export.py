@@ -65,26 +65,30 @@ class RunCheckpoint:
     step: int
 
 
-def backbone_state_dict(model_state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """The backbone's entries of a method's state dict, with the ``backbone.`` prefix removed."""
+def backbone_state_dict(
+    model_state: dict[str, Any], source: str, prefix: str = BACKBONE_PREFIX
+) -> dict[str, torch.Tensor]:
+    """The backbone's entries of a method's state dict, with the ``backbone.`` prefix (or another
+    network's, e.g. BYOL's ``target_backbone.``) removed."""
     out: dict[str, torch.Tensor] = {}
     for key, value in model_state.items():
         name = key
         stripped = True
         while stripped:
             stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix) :], True
-        if name.startswith(BACKBONE_PREFIX) and isinstance(value, torch.Tensor):
-            out[name[len(BACKBONE_PREFIX) :]] = value
+            for wrapper in WRAPPER_PREFIXES:
+                if name.startswith(wrapper):
+                    name, stripped = name[len(wrapper) :], True
+        if name.startswith(prefix) and isinstance(value, torch.Tensor):
+            out[name[len(prefix) :]] = value
     if not out:
-        raise ExportError(f"{source}: the model state has no '{BACKBONE_PREFIX}*' entries")
+        raise ExportError(f"{source}: the model state has no '{prefix}*' entries")
     return out
 
 
-def read_run(path: str | Path) -> RunCheckpoint:
-    """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``)."""
+def read_run(path: str | Path, network: str = "backbone") -> RunCheckpoint:
+    """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``);
+    ``network``: the state-dict prefix of the backbone to take (``target_backbone`` for BYOL's)."""
     try:
         where = rundir.resolve(path)
         if where.kind == "export":
@@ -96,7 +100,7 @@ def read_run(path: str | Path) -> RunCheckpoint:
         raise
     except rundir.RunDirError as e:
         raise ExportError(str(e)) from e
-    state = backbone_state_dict(ckpt["model"], str(where.checkpoint))
+    state = backbone_state_dict(ckpt["model"], str(where.checkpoint), f"{network}.")
     return RunCheckpoint(where.run_dir, where.checkpoint, cfg, info, state, int(ckpt.get("step", 0)))
 
 
@@ -271,8 +275,10 @@ def _eval_section(run_dir: Path) -> str:
     return f"From `eval/report.json` of the run:\n\n{markdown_table(models)}\n"
 
 
-def _exported_network(method: str) -> str:
+def _exported_network(method: str, network: str) -> str:
     """The method's one-line note on which of its networks ``backbone.*`` is."""
+    if network != "backbone":
+        return f"`{network}.*` of the checkpoint (chosen with `selfsup export --network {network}`)"
     entry = METHODS.get(method)
     return entry.cls.exported if entry is not None else Method.exported
 
@@ -294,7 +300,7 @@ Backbone only (no projection head, no classifier): it maps an image to a
 
 ## Training
 - Method: {cfg.method.name} ({json.dumps(dataclasses.asdict(getattr(cfg.method, cfg.method.name)))})
-- Exported network: {_exported_network(cfg.method.name)}
+- Exported network: {_exported_network(cfg.method.name, meta.get("network", "backbone"))}
 - Data: `{cfg.data.train or "(not recorded)"}`
 - Steps: {run.step} optimiser steps (recipe: {cfg.train.epochs} epochs, max_steps {cfg.train.max_steps}),
   global batch {cfg.data.batch_size}, optimiser {cfg.optim.name} (base lr {cfg.optim.base_lr},
@@ -323,13 +329,17 @@ state = load_file("{WEIGHTS_FILE}")
 """
 
 
-def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) -> dict[str, Path]:
+def export_run(
+    run_path: str | Path, out_dir: str | Path, onnx: bool = False, network: str = "backbone"
+) -> dict[str, Path]:
     """Write the export folder for a run's latest checkpoint; returns the paths written.
+    ``network`` picks another backbone of the checkpoint by prefix (``target_backbone``: BYOL's
+    EMA target).
 
     The weights are rebuilt into a backbone first, so a checkpoint that does not match its config
     fails here, not on the user's machine.
     """
-    run = read_run(run_path)
+    run = read_run(run_path, network)
     out = Path(out_dir)
     backbone = build_and_load(run.cfg.model, run.info, run.backbone_state, str(run.checkpoint))
     out.mkdir(parents=True, exist_ok=True)
@@ -346,6 +356,7 @@ def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) ->
         "mean": list(run.info.mean),
         "std": list(run.info.std),
         "method": run.cfg.method.name,
+        "network": network,
         "step": run.step,
         "source_checkpoint": str(run.checkpoint),
     }

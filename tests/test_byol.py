@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
-from selfsup.pretrain.export import export_run
+from selfsup.pretrain.export import export_run, load_backbone
 from selfsup.pretrain.methods.byol import BYOL, byol_loss, ema_update, momentum_tau
 from selfsup.pretrain.optim import build_optimizer
 from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
@@ -172,3 +172,8 @@ def test_sigkill_then_resume_is_bitwise_equal_including_the_target(tmp_path: Pat
         assert 0.2 < m["collapse_std"] < 1.5
     card = (export_run(ref, tmp_path / "export")["card"]).read_text()
     assert "Exported network: the online backbone" in card and "target_backbone" in card
+    # the EMA target can be exported too, on request
+    paths = export_run(ref, tmp_path / "export_target", network="target_backbone")
+    assert "Exported network: `target_backbone.*`" in paths["card"].read_text()
+    target = load_backbone(tmp_path / "export_target").state_dict()
+    assert target and all(torch.equal(v, a[f"target_backbone.{k}"]) for k, v in target.items())
