@@ -17,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default=None, help="export folder to write (default: <run dir>/export)"
     )
     parser.add_argument(
+        "--network",
+        default="backbone",
+        help="which backbone of the checkpoint, by state-dict prefix: backbone (default; what the "
+        "method evaluates) or target_backbone (BYOL's EMA target network)",
+    )
+    parser.add_argument(
         "--onnx",
         action="store_true",
         help="also write backbone.onnx, checked against PyTorch (needs selfsup[onnx])",
@@ -30,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # as selfsup.api.export, printing every file written
         where = resolve(args.run)
         out = Path(args.out) if args.out else where.home / EXPORT_DIR
-        paths = export_run(where.path, out, onnx=args.onnx)
+        paths = export_run(where.path, out, onnx=args.onnx, network=args.network)
     except RunDirError as e:
         print(f"selfsup export: error: {e}", file=sys.stderr)
         return 1

@@ -6,13 +6,19 @@ as negatives, so the gather must send gradients back to the process that produce
 silently drops the gradient through the other processes' keys. ``torch.distributed.nn.functional.
 all_gather`` does: its backward sums, over processes, the gradients of each slice and returns each
 process its own slice's sum (reduce-scatter, emulated with all-to-all on gloo).
+
+``AllReduceBatchNorm1d`` builds on it: a BatchNorm1d whose batch mean and variance are those of the
+global batch (every process's rows), with gradients that flow back through the reduction, so a
+head trained on N processes computes the function and the gradient one process would on the
+concatenated batch. torch's SyncBatchNorm does the same but refuses CPU tensors.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
-from torch import Tensor
+from torch import Tensor, nn
 
 # newer torch names it all_gather_single_autograd and warns on the old name; older torch has only that one.
 _gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
@@ -41,3 +47,49 @@ def all_gather_grad(x: Tensor) -> Tensor:
     # the functional collective carries gradients back to each owner (the older
     # torch.distributed.nn.functional.all_gather does too, but is deprecated)
     return _gather_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def all_reduce_sum_grad(x: Tensor) -> Tensor:
+    """Sum of ``x`` over processes, differentiably (each process gets the gradient of the sum of
+    every process's loss w.r.t. its own ``x``). With one process this is ``x`` itself."""
+    if get_world_size() == 1:
+        return x
+    return all_gather_grad(x.unsqueeze(0)).sum(0)
+
+
+class AllReduceBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over ``[B, C]`` whose training-mode statistics are the global batch's.
+
+    With one process, or in eval mode, it is ``nn.BatchNorm1d`` (same parameters, buffers and
+    state-dict keys). In training with several processes, the per-channel sum and count, then the
+    sum of squared deviations from the global mean, are all-reduced with ``all_reduce_sum_grad``
+    (two collectives of ``C + 1`` and ``C`` numbers), in fp32 at least; the running statistics
+    get the global mean and unbiased variance. Processes may hold different batch sizes.
+    ``SyncBatchNorm.convert_sync_batchnorm`` turns it into SyncBatchNorm (same result on CUDA).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or get_world_size() == 1:
+            return super().forward(x)
+        if x.ndim != 2:
+            raise ValueError(f"AllReduceBatchNorm1d: expected [B, C], got {tuple(x.shape)}")
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        stats = torch.cat([xf.sum(0), xf.new_full((1,), float(x.shape[0]))])
+        stats = all_reduce_sum_grad(stats)
+        count = stats[-1].detach()
+        mean = stats[:-1] / count
+        dev = xf - mean
+        var = all_reduce_sum_grad(dev.pow(2).sum(0)) / count  # biased: what normalises the batch
+        out = dev * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum
+                if factor is None:  # cumulative moving average, as nn.BatchNorm1d
+                    factor = 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return out.to(x.dtype)

@@ -35,6 +35,7 @@ from selfsup.config import Config, ConfigError, ModelConfig, from_dict
 from selfsup.data_info import DataInfo
 from selfsup.pretrain import rundir
 from selfsup.pretrain.interop import loading_snippet, param_naming, timm_spec
+from selfsup.pretrain.methods import METHODS, Method
 from selfsup.tables import markdown_table
 
 FORMAT = "selfsup-backbone"
@@ -66,26 +67,30 @@ class RunCheckpoint:
     step: int
 
 
-def backbone_state_dict(model_state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """The backbone's entries of a method's state dict, with the ``backbone.`` prefix removed."""
+def backbone_state_dict(
+    model_state: dict[str, Any], source: str, prefix: str = BACKBONE_PREFIX
+) -> dict[str, torch.Tensor]:
+    """The backbone's entries of a method's state dict, with the ``backbone.`` prefix (or another
+    network's, e.g. BYOL's ``target_backbone.``) removed."""
     out: dict[str, torch.Tensor] = {}
     for key, value in model_state.items():
         name = key
         stripped = True
         while stripped:
             stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix) :], True
-        if name.startswith(BACKBONE_PREFIX) and isinstance(value, torch.Tensor):
-            out[name[len(BACKBONE_PREFIX) :]] = value
+            for wrapper in WRAPPER_PREFIXES:
+                if name.startswith(wrapper):
+                    name, stripped = name[len(wrapper) :], True
+        if name.startswith(prefix) and isinstance(value, torch.Tensor):
+            out[name[len(prefix) :]] = value
     if not out:
-        raise ExportError(f"{source}: the model state has no '{BACKBONE_PREFIX}*' entries")
+        raise ExportError(f"{source}: the model state has no '{prefix}*' entries")
     return out
 
 
-def read_run(path: str | Path) -> RunCheckpoint:
-    """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``)."""
+def read_run(path: str | Path, network: str = "backbone") -> RunCheckpoint:
+    """Config, data info and backbone weights of a run (its latest checkpoint, or a given ``.pt``);
+    ``network``: the state-dict prefix of the backbone to take (``target_backbone`` for BYOL's)."""
     try:
         where = rundir.resolve(path)
         if where.kind == "export":
@@ -97,7 +102,7 @@ def read_run(path: str | Path) -> RunCheckpoint:
         raise
     except rundir.RunDirError as e:
         raise ExportError(str(e)) from e
-    state = backbone_state_dict(ckpt["model"], str(where.checkpoint))
+    state = backbone_state_dict(ckpt["model"], str(where.checkpoint), f"{network}.")
     return RunCheckpoint(where.run_dir, where.checkpoint, cfg, info, state, int(ckpt.get("step", 0)))
 
 
@@ -257,6 +262,14 @@ def _eval_section(run_dir: Path) -> str:
     return f"From `eval/report.json` of the run:\n\n{markdown_table(models)}\n"
 
 
+def _exported_network(method: str, network: str) -> str:
+    """The method's one-line note on which of its networks ``backbone.*`` is."""
+    if network != "backbone":
+        return f"`{network}.*` of the checkpoint (chosen with `selfsup export --network {network}`)"
+    entry = METHODS.get(method)
+    return entry.cls.exported if entry is not None else Method.exported
+
+
 def model_card(run: RunCheckpoint, meta: dict[str, Any]) -> str:
     """The README.md of an export: what it is, how it was trained, how well, how to load it."""
     cfg, info = run.cfg, run.info
@@ -274,6 +287,7 @@ Backbone only (no projection head, no classifier): it maps an image to a
 
 ## Training
 - Method: {cfg.method.name} ({json.dumps(dataclasses.asdict(getattr(cfg.method, cfg.method.name)))})
+- Exported network: {_exported_network(cfg.method.name, meta.get("network", "backbone"))}
 - Data: `{cfg.data.train or "(not recorded)"}`
 - Steps: {run.step} optimiser steps (recipe: {cfg.train.epochs} epochs, max_steps {cfg.train.max_steps}),
   global batch {cfg.data.batch_size}, optimiser {cfg.optim.name} (base lr {cfg.optim.base_lr},
@@ -298,13 +312,17 @@ or, without selfsup:
 """
 
 
-def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) -> dict[str, Path]:
+def export_run(
+    run_path: str | Path, out_dir: str | Path, onnx: bool = False, network: str = "backbone"
+) -> dict[str, Path]:
     """Write the export folder for a run's latest checkpoint; returns the paths written.
+    ``network`` picks another backbone of the checkpoint by prefix (``target_backbone``: BYOL's
+    EMA target).
 
     The weights are rebuilt into a backbone first, so a checkpoint that does not match its config
     fails here, not on the user's machine.
     """
-    run = read_run(run_path)
+    run = read_run(run_path, network)
     out = Path(out_dir)
     backbone = build_and_load(run.cfg.model, run.info, run.backbone_state, str(run.checkpoint))
     out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +339,7 @@ def export_run(run_path: str | Path, out_dir: str | Path, onnx: bool = False) ->
         "mean": list(run.info.mean),
         "std": list(run.info.std),
         "method": run.cfg.method.name,
+        "network": network,
         "step": run.step,
         "source_checkpoint": str(run.checkpoint),
         # timm's fields (architecture, model_args, pretrained_cfg): timm.create_model('local-dir:...')

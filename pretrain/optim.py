@@ -4,14 +4,17 @@ Learning rate = ``base_lr * global_batch / 256`` (Goyal et al. 2017 linear scali
 with at most one dimension (biases, BatchNorm/LayerNorm scales and shifts) and those a model lists
 in ``no_weight_decay()`` (timm's convention: position embeddings, class token) get no weight decay
 and, under LARS, no trust-ratio adaptation: scaling them by ``||w|| / ||g||`` destabilises
-training (You et al. 2017; SimCLR excludes them the same way).
+training (You et al. 2017; SimCLR excludes them the same way). A method can put parameters in
+groups of their own (``param_groups_options()``, e.g. SimSiam's predictor with ``fixed_lr``: the
+schedule leaves that group at its initial learning rate, as Chen & He 2021 recommend).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,24 +122,63 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
+GROUP_OPTIONS = ("fixed_lr",)  # what a method's ``param_groups_options()`` may set per group
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    no_decay_names: Iterable[str] = (),
+    group_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Trainable parameters in groups: (decayed, undecayed) for the parameters no option prefix
+    covers, then the same pair for each prefix of ``group_options`` (a method's
+    ``param_groups_options()``; the longest matching prefix wins) with its options copied into
+    the group. Each group has ``decay`` (False: weight decay 0, no LARS adaptation)."""
+    options = {str(k): dict(v) for k, v in (group_options or {}).items()}
+    for prefix, opts in options.items():
+        bad = sorted(set(opts) - set(GROUP_OPTIONS))
+        if bad:
+            raise ValueError(f"param_groups_options: '{prefix}' sets unknown option(s) {bad} "
+                             f"(known: {', '.join(GROUP_OPTIONS)})")  # fmt: skip
+    skip = set(no_decay_names)
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name in skip or name.split(".")[-1] in skip)
+        prefix = max((k for k in options if name.startswith(k)), key=len, default="")
+        buckets.setdefault((prefix, decay), []).append(p)
+    unused = sorted(k for k in options if not any(pre == k for pre, _ in buckets))
+    if unused:
+        raise ValueError(f"param_groups_options: no trainable parameter starts with {unused}")
+    groups = []
+    for prefix in ["", *sorted(options)]:  # the scheduled default groups first (logged lr)
+        for decay in (True, False):
+            params = buckets.get((prefix, decay))
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                               "decay": decay, **options.get(prefix, {})})  # fmt: skip
+    return groups
+
+
 def build_optimizer(
-    optim_cfg: OptimConfig, model: nn.Module, global_batch: int, no_decay_names: Iterable[str] = ()
+    optim_cfg: OptimConfig,
+    model: nn.Module,
+    global_batch: int,
+    no_decay_names: Iterable[str] = (),
+    group_options: Mapping[str, Mapping[str, Any]] | None = None,
 ):
-    """``optim_cfg.name`` (lars | adamw | sgd) over ``model``'s parameters, lr linearly scaled."""
+    """``optim_cfg.name`` (lars | adamw | sgd) over ``model``'s trainable parameters, lr linearly
+    scaled; ``group_options`` as in ``param_groups``."""
     lr = scaled_lr(optim_cfg.base_lr, global_batch)
-    decay, no_decay = split_decay(model, no_decay_names)
-    wd = optim_cfg.weight_decay
-    groups = [
-        {"params": decay, "weight_decay": wd},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = param_groups(model, optim_cfg.weight_decay, no_decay_names, group_options)
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters")
     name = optim_cfg.name
     if name == "lars":
         for g in groups:
-            g["lars_exclude"] = g["weight_decay"] == 0.0 and g["params"] is no_decay
+            g["lars_exclude"] = not g["decay"]
         return LARS(groups, lr=lr, momentum=optim_cfg.momentum, eta=optim_cfg.lars_eta)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas))
@@ -163,10 +205,21 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass
+class Constant:
+    """LR factor 1 at every step: a ``fixed_lr`` group keeps its initial learning rate."""
+
+    def __call__(self, t: int) -> float:
+        return 1.0
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int):
-    """Per-iteration warmup + cosine (``scheduler.step()`` after every optimiser step)."""
+    """Per-iteration warmup + cosine (``scheduler.step()`` after every optimiser step); groups
+    with ``fixed_lr`` stay at their initial learning rate."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     warmup = int(round(optim_cfg.warmup * total_steps))
     fn = WarmupCosine(warmup, total_steps, optim_cfg.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    # one factor per group: LambdaLR with a single function would scale the fixed-lr groups too
+    fns = [Constant() if g.get("fixed_lr") else fn for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fns)

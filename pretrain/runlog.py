@@ -12,6 +12,11 @@ mid-write is dropped too. So the file reads as one uninterrupted run, and after 
 resume it equals the uninterrupted run's file except for timings. The W&B run id is kept in the
 checkpoint; ``selfsup.pretrain.wandb_resume`` decides how W&B is made to agree (same run after a
 clean stop; after a kill a linked new run with the kept history re-logged, or a rewound run).
+
+Representation collapse: when a method logs ``collapse_std`` (``methods/base.py`` ``COLLAPSE_LOG``)
+and it stays below ``log.collapse_threshold`` for ``log.collapse_patience`` consecutive logged
+steps, the main process warns once (``CollapseWarning`` on stderr, and ``collapse_step`` in the
+W&B summary). The method only returns tensors; this is where the numbers reach the host anyway.
 """
 
 from __future__ import annotations
@@ -20,12 +25,40 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from selfsup.config import Config, to_dict
+from selfsup.pretrain.methods.base import COLLAPSE_LOG
+
+
+class CollapseWarning(UserWarning):
+    """The representation is collapsing: ``collapse_std`` stayed below the threshold."""
+
+
+class CollapseWatch:
+    """Counts consecutive logged values below ``threshold``; says so once, at ``patience``."""
+
+    def __init__(self, threshold: float, patience: int) -> None:
+        self.threshold, self.patience = threshold, patience
+        self.below = 0
+        self.warned_at: int | None = None
+
+    def update(self, step: int, value: float) -> str | None:
+        """The warning text the first time the run of low values reaches ``patience``, else None."""
+        self.below = self.below + 1 if value < self.threshold else 0
+        if self.warned_at is not None or self.below < self.patience or self.threshold <= 0:
+            return None
+        self.warned_at = step
+        return (
+            f"step {step}: {COLLAPSE_LOG} = {value:.3g} has stayed below log.collapse_threshold="
+            f"{self.threshold:g} for {self.below} logged steps: the representation is collapsing "
+            f"(every image maps to nearly the same output; ~1 is healthy). Check the method's "
+            f"stop-gradient / predictor / target network, or lower optim.base_lr."
+        )
 
 
 class RunLog:
@@ -45,6 +78,7 @@ class RunLog:
         self.wandb_id = wandb_id
         self.bar = None
         self.run_dir, self.step, self.rows = run_dir, start_step, 0  # rows: lines in metrics.jsonl
+        self.collapse = CollapseWatch(cfg.log.collapse_threshold, cfg.log.collapse_patience)
         if not is_main:
             return
         self._truncate_after(start_step, keep_rows)
@@ -86,6 +120,11 @@ class RunLog:
         if not self.is_main:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if isinstance(row.get(COLLAPSE_LOG), (int, float)):
+            message = self.collapse.update(step, float(row[COLLAPSE_LOG]))
+            if message is not None:
+                warnings.warn(message, CollapseWarning, stacklevel=2)
+                self.summary({"collapse_step": step})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.rows += 1

@@ -125,7 +125,8 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, model.no_weight_decay())
+    optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, model.no_weight_decay(),
+                                model.param_groups_options())  # trainable parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     method = accelerator.unwrap_model(model)

@@ -187,10 +187,16 @@ class LogConfig:
     tags: list[str] = field(default_factory=list)
     progress: bool = True  # progress bar on rank 0
     wandb_resume: str = "auto"  # after a kill: new (linked run, history re-logged) | rewind | auto (offline: new, online: rewind)
+    # warn (once) when a method's collapse_std stays below this for collapse_patience logged steps
+    collapse_threshold: float = 0.1  # 0 = never warn
+    collapse_patience: int = 5
 
     def check(self) -> None:
         _one_of("log.wandb", self.wandb, WANDB_MODES)
         _one_of("log.wandb_resume", self.wandb_resume, ("auto", "new", "rewind"))
+        if self.collapse_threshold < 0:
+            raise ValueError(f"log.collapse_threshold: must be >= 0 (0 = off), got {self.collapse_threshold}")
+        _positive("log", self, "collapse_patience")
 
 
 @dataclass

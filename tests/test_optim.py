@@ -135,3 +135,61 @@ def test_scheduler_state_round_trips_with_weights_only() -> None:
     for _ in range(5):
         opt.step(), sched.step(), opt2.step(), sched2.step()
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+class _WithPredictor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+        self.predictor = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)
+
+    def forward(self, x):
+        return self.frozen(self.predictor(self.encoder(x)))
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd"])
+def test_fixed_lr_group_keeps_its_rate_while_the_rest_follow_the_schedule(name: str) -> None:
+    net = _WithPredictor()
+    cfg = OptimConfig(name=name, base_lr=0.256, weight_decay=0.1, warmup=0.1)
+    opt = build_optimizer(cfg, net, 256, group_options={"predictor.": {"fixed_lr": True}})
+    groups = {(g.get("fixed_lr", False), g["decay"]): g for g in opt.param_groups}
+    assert set(groups) == {(False, True), (False, False), (True, True), (True, False)}
+    assert not opt.param_groups[0].get("fixed_lr")  # the logged lr is a scheduled group's
+    pred = {id(p) for p in net.predictor.parameters()}
+    assert {id(p) for k, g in groups.items() if k[0] for p in g["params"]} == pred
+    everything = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert everything == {id(p) for p in net.parameters() if p.requires_grad}  # frozen left out
+    assert groups[(True, True)]["weight_decay"] == 0.1 and groups[(True, False)]["weight_decay"] == 0.0
+    if name == "lars":
+        assert [g["lars_exclude"] for g in opt.param_groups] == [not g["decay"] for g in opt.param_groups]
+    sched = build_scheduler(opt, cfg, 50)
+    fixed, scheduled = [], []
+    for _ in range(50):
+        fixed.append(groups[(True, True)]["lr"])
+        scheduled.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert fixed == [0.256] * 50
+    assert scheduled[0] == pytest.approx(0.256 / 5) and max(scheduled) == pytest.approx(0.256)
+    assert scheduled[-1] < 0.01 * 0.256
+    # the per-group schedule round-trips through a weights_only checkpoint
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    net2 = _WithPredictor()
+    opt2 = build_optimizer(cfg, net2, 256, group_options={"predictor.": {"fixed_lr": True}})
+    sched2 = build_scheduler(opt2, cfg, 50)
+    opt2.load_state_dict(state["opt"])
+    sched2.load_state_dict(state["sched"])
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+def test_group_options_errors_name_the_prefix() -> None:
+    net = _WithPredictor()
+    with pytest.raises(ValueError, match=r"'predictor\.' sets unknown option\(s\) \['lr_scale'\]"):
+        build_optimizer(OptimConfig(), net, 256, group_options={"predictor.": {"lr_scale": 2}})
+    with pytest.raises(ValueError, match=r"no trainable parameter starts with \['head\.'\]"):
+        build_optimizer(OptimConfig(), net, 256, group_options={"head.": {"fixed_lr": True}})

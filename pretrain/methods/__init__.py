@@ -9,10 +9,12 @@ treat it like every other method.
 from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     ae,
     beta_vae,
+    byol,
     cae,
     dae,
     mae,
     simclr,
+    simsiam,
     sparse_ae,
     vae,
 )

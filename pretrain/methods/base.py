@@ -11,6 +11,10 @@ optional hook has a default, so a minimal method implements ``forward`` alone.
 returns ``(loss, logs)``: a scalar loss tensor and a dict of 0-d tensors to log. Logs stay tensors
 (no ``.item()``): the loop moves them to the host only on logging steps, so a GPU step has no
 host sync beyond the one the loop needs for its own checks.
+
+A method that logs ``collapse_std`` (``COLLAPSE_LOG``: the per-dimension standard deviation of its
+L2-normalised outputs times sqrt(dim), about 1 when healthy, 0 when every image maps to the same
+output) gets the collapse warning of ``pretrain/runlog.py`` (``log.collapse_threshold``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from selfsup.augment.views import Views
 from selfsup.data_info import DataInfo
 
 Logs = dict[str, Tensor]
+COLLAPSE_LOG = "collapse_std"  # the log key the run log watches for representation collapse
 
 
 @dataclass
@@ -47,6 +52,8 @@ class Method(nn.Module):
     reconstructs: ClassVar[bool] = False  # True: ``reconstruct`` is implemented (autoencoders)
     anomaly_score_unit: ClassVar[str] = "mean squared error per pixel, [0, 1] units"
     owns_backward: bool = False  # True: the loop calls ``train_step`` instead of ``forward``
+    # which network ``backbone.*`` is, for the export's model card (one line)
+    exported: ClassVar[str] = "the backbone the method trains (`backbone.*` of the checkpoint)"
 
     def __init__(self, cfg: Any, backbone: nn.Module, views: Views, info: DataInfo) -> None:
         super().__init__()
@@ -72,6 +79,12 @@ class Method(nn.Module):
         """Parameter names (full or last component) the optimiser leaves undecayed; parameters
         with at most one dimension are never decayed anyway."""
         return set()
+
+    def param_groups_options(self) -> dict[str, dict[str, Any]]:
+        """Per-parameter optimiser options: a parameter-name prefix (e.g. ``"predictor."``) ->
+        options for the parameters under it (keys: ``pretrain/optim.py`` ``GROUP_OPTIONS``).
+        ``{"fixed_lr": True}``: the schedule leaves that group at its initial learning rate."""
+        return {}
 
     @torch.no_grad()
     def reconstruct(
