@@ -13,6 +13,28 @@ random init per architecture.
     .venv/bin/python benchmarks/bench_properties.py --methods simclr --minutes 5 --keep runs/props
 
 A new method (BYOL, SimSiam, an autoencoder variant) is one more ``METHODS`` entry.
+
+Measured once with the defaults (10k/2k shapes at 32 px, --minutes 1.5, 2 processes) on the shared
+2-core machine under a load average of 6-14, so every run got far less than 1.5 min of CPU: 1.4-4
+epochs. Read it as "what the protocol shows after a very short run", not as method rankings:
+
+| representation | lin top-1 % | kNN@20 % | DCI-D | DCI-C | DCI-I | MIG | mean abs corr | TC nats | I(class) ≥ | I(factor) ≥ | inv mean | inv crop | inv jitter | inv noise | InfoNCE ≥ |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| simclr (resnet_small, 1.7 ep) | 25.5 | 21.4 | 0.108 | 0.086 | 0.120 | 0.005 | 0.426 | 46.56 | 0.077 | 0.271 | 0.156 | 0.040 | 0.127 | 0.001 | 1.51 |
+| dae (resnet_small, 1.4 ep) | 30.5 | 25.8 | 0.184 | 0.138 | 0.215 | 0.019 | 0.381 | 27.86 | 0.159 | 0.455 | 0.122 | 0.100 | 0.258 | 0.003 | – |
+| mae (vit_micro, 4.1 ep) | 32.9 | 20.6 | 0.108 | 0.084 | 0.113 | 0.013 | 0.452 | 59.86 | 0.197 | 0.245 | 0.091 | 0.011 | 0.258 | 0.001 | – |
+| raw pixels | 27.1 | 31.3 | 0.354 | 0.294 | 0.417 | 0.037 | 0.209 | 15.85 | 0.112 | 0.611 | 0.210 | 0.358 | 0.161 | 0.042 | – |
+| random init (resnet_small) | 30.9 | 29.1 | 0.161 | 0.139 | 0.197 | 0.011 | 0.205 | 9.70 | 0.125 | 0.345 | 0.280 | 0.402 | 0.285 | 0.067 | – |
+| random init (vit_micro) | 28.3 | 23.1 | 0.074 | 0.052 | 0.038 | 0.003 | 0.401 | 35.56 | 0.114 | 0.111 | 0.113 | 0.076 | 0.219 | 0.007 | – |
+
+SimCLR's 68 steps already bought invariance to crop, flip, blur, noise, rotation and translation
+(0.04, 0.007, 0.000, 0.001, 0.000, 0.003) and paid for it in position information (I(x; z) ≥ 0.37
+nats against 1.50 for raw pixels); its grayscale change is 1.07 (> 1: the demo recipe sets
+gray_p = 0, tuned for gray Fashion-MNIST, so colour stays in the features). The InfoNCE bound was
+1.51 of its ceiling log(511) = 6.24 nats. Raw pixels score highest on DCI/MIG because their PCA
+axes follow position and hue; a random ViT is "invariant" mostly because its features barely vary
+(total correlation 35.6 nats). Eval time per method, 3 columns: 248-410 s wall of which properties
+110-209 s at that load (56-76 s of CPU).
 """
 
 from __future__ import annotations
@@ -46,7 +68,7 @@ COLUMNS = [  # (report key, header, format)
     ("dci_completeness", "DCI-C", "{:.3f}"),
     ("dci_informativeness", "DCI-I", "{:.3f}"),
     ("mig", "MIG", "{:.3f}"),
-    ("latent_mean_abs_corr", "|corr|", "{:.3f}"),
+    ("latent_mean_abs_corr", "mean abs corr", "{:.3f}"),
     ("latent_total_correlation", "TC nats", "{:.2f}"),
     ("suff_class", "I(class) ≥", "{:.3f}"),
     ("suff_factors_mean", "I(factor) ≥", "{:.3f}"),

@@ -15,7 +15,9 @@
   gap between the two most informative dims divided by the factor's entropy, averaged.
 * **Dependence** of the code dims (the course notes' ``z_i ⊥ z_j``): mean |Pearson correlation|
   over pairs of dims, and the total correlation of a Gaussian fit,
-  ``½(Σ log Σ_ii − log det Σ) = −½ log det R`` (R the correlation matrix), in nats.
+  ``½(Σ log Σ_ii − log det Σ) = −½ log det R`` (R the correlation matrix), in nats. Both are
+  biased up by sampling: independent dims give mean |r| ≈ sqrt(2 / (π n)) (0.018 for n = 2000
+  rows) and a total correlation of about d(d − 1) / (4n) nats (0.12 for d = 32, n = 2000).
 
 Wide codes are first reduced: PCA to ``max_dims`` components of the standardised dims, fitted on
 the train set (DCI and MIG need per-dimension scores; their values are then those of the PCA
