@@ -127,8 +127,10 @@ def _loaded(src, indices: np.ndarray, workers: int) -> Iterator[tuple[Sample | N
             yield _load(src, int(i))
         return
     chunks = (indices[k : k + CHUNK].tolist() for k in range(0, len(indices), CHUNK))
-    # fork: workers start at once and inherit the file list; spawn where there is no fork
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # forkserver: the workers fork from a fresh single-threaded server, not from this process (a
+    # fork of a process that runs threads, e.g. torch's or W&B's, can deadlock the child on a lock
+    # some thread held; seen when the import ran after an in-process W&B run); spawn elsewhere
+    ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(src,)) as pool:
         pending: deque = deque()
         for chunk in chunks:
