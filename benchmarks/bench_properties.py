@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT))
 # Fashion-MNIST; MAE's patch 7 does not divide 32, patch 8 keeps its 4x4 = 16 patches.
 METHODS: dict[str, tuple[str, list[str]]] = {
     "simclr": ("configs/simclr_demo.yaml", []),
-    "dae": ("configs/dae_resnet_small_fmnist.yaml", []),
-    "mae": ("configs/mae_vit_micro_fmnist_cpu.yaml", ["model.patch_size=8"]),
+    "dae": ("configs/dae_demo.yaml", []),
+    "mae": ("configs/mae_demo.yaml", ["model.patch_size=8"]),
 }
 COLUMNS = [  # (report key, header, format)
     ("linear_top1", "lin top-1 %", "{:.1f}"),

@@ -18,8 +18,8 @@ from PIL import Image
 from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-MAE_CPU = str(ROOT / "configs" / "mae_vit_micro_fmnist_cpu.yaml")
-DAE = str(ROOT / "configs" / "dae_resnet_small_fmnist.yaml")
+MAE_CPU = str(ROOT / "configs" / "mae_demo.yaml")
+DAE = str(ROOT / "configs" / "dae_demo.yaml")
 ENV = {
     **os.environ,
     "WANDB_MODE": "offline",
