@@ -7,9 +7,9 @@ silently drops the gradient through the other processes' keys. ``torch.distribut
 all_gather`` does: its backward sums, over processes, the gradients of each slice and returns each
 process its own slice's sum (reduce-scatter, emulated with all-to-all on gloo).
 
-``AllReduceBatchNorm1d`` builds on it: a BatchNorm1d whose batch mean and variance are those of the
-global batch (every process's rows), with gradients that flow back through the reduction, so a
-head trained on N processes computes the function and the gradient one process would on the
+``AllReduceBatchNorm1d``/``2d`` build on it: batch norms whose batch mean and variance are those of
+the global batch (every process's rows), with gradients that flow back through the reduction, so a
+network trained on N processes computes the function and the gradient one process would on the
 concatenated batch. torch's SyncBatchNorm does the same but refuses CPU tensors.
 """
 
@@ -57,39 +57,69 @@ def all_reduce_sum_grad(x: Tensor) -> Tensor:
     return all_gather_grad(x.unsqueeze(0)).sum(0)
 
 
-class AllReduceBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over ``[B, C]`` whose training-mode statistics are the global batch's.
+class _AllReduceBatchNorm:
+    """Training-mode batch statistics of the global batch, over every dim but the channels (1).
 
-    With one process, or in eval mode, it is ``nn.BatchNorm1d`` (same parameters, buffers and
-    state-dict keys). In training with several processes, the per-channel sum and count, then the
-    sum of squared deviations from the global mean, are all-reduced with ``all_reduce_sum_grad``
-    (two collectives of ``C + 1`` and ``C`` numbers), in fp32 at least; the running statistics
-    get the global mean and unbiased variance. Processes may hold different batch sizes.
-    ``SyncBatchNorm.convert_sync_batchnorm`` turns it into SyncBatchNorm (same result on CUDA).
+    With one process, or in eval mode, it is the plain torch BatchNorm it extends (same parameters,
+    buffers and state-dict keys). In training with several processes, the per-channel sum and
+    count, then the sum of squared deviations from the global mean, are all-reduced with
+    ``all_reduce_sum_grad`` (two collectives of ``C + 1`` and ``C`` numbers), in fp32 at least;
+    the running statistics get the global mean and unbiased variance. Processes may hold
+    different batch sizes. ``SyncBatchNorm.convert_sync_batchnorm`` turns it into SyncBatchNorm
+    (same result on CUDA).
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or get_world_size() == 1:
             return super().forward(x)
-        if x.ndim != 2:
-            raise ValueError(f"AllReduceBatchNorm1d: expected [B, C], got {tuple(x.shape)}")
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.ndim)]
+        shape = [1, -1] + [1] * (x.ndim - 2)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        stats = torch.cat([xf.sum(0), xf.new_full((1,), float(x.shape[0]))])
+        stats = torch.cat([xf.sum(dims), xf.new_full((1,), float(x.numel() // x.shape[1]))])
         stats = all_reduce_sum_grad(stats)
         count = stats[-1].detach()
         mean = stats[:-1] / count
-        dev = xf - mean
-        var = all_reduce_sum_grad(dev.pow(2).sum(0)) / count  # biased: what normalises the batch
-        out = dev * torch.rsqrt(var + self.eps)
+        dev = xf - mean.view(shape)
+        var = all_reduce_sum_grad(dev.pow(2).sum(dims)) / count  # biased: what normalises the batch
+        out = dev * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            out = out * self.weight + self.bias
+            out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = self.momentum
-                if factor is None:  # cumulative moving average, as nn.BatchNorm1d
+                if factor is None:  # cumulative moving average, as torch's BatchNorm
                     factor = 1.0 / float(self.num_batches_tracked)
                 unbiased = var * (count / (count - 1).clamp(min=1))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         return out.to(x.dtype)
+
+
+class AllReduceBatchNorm1d(_AllReduceBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` ([B, C] or [B, C, L]) with the global batch's statistics in training."""
+
+
+class AllReduceBatchNorm2d(_AllReduceBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` ([B, C, H, W]) with the global batch's statistics in training."""
+
+
+def convert_allreduce_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d/2d in ``module`` by its all-reduce twin (weights, buffers and
+    keys kept): batch norm over the global batch on any device and backend (gloo on CPU too),
+    where torch's SyncBatchNorm needs CUDA. Returns ``module`` (changed in place below it)."""
+    twins = {nn.BatchNorm1d: AllReduceBatchNorm1d, nn.BatchNorm2d: AllReduceBatchNorm2d}
+    for name, child in module.named_children():
+        twin = twins.get(type(child))
+        if twin is None:
+            convert_allreduce_batchnorm(child)
+            continue
+        like = next(iter(child.state_dict().values()), None)  # device and float dtype of the original
+        new = twin(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        if like is not None:
+            new.to(device=like.device, dtype=like.dtype)
+        new.load_state_dict(child.state_dict())
+        new.train(child.training)
+        setattr(module, name, new)
+    return module

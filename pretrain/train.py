@@ -37,6 +37,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from selfsup.config import Config, ConfigError
 from selfsup.pretrain.build import build_method, data_info
 from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
+from selfsup.pretrain.distributed import convert_allreduce_batchnorm
 from selfsup.pretrain.guard import FiniteGuard
 from selfsup.pretrain.hooks import HookContext, TrainHook
 from selfsup.pretrain.methods import StepContext
@@ -119,10 +120,9 @@ def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (
     # ---- model, optimiser, schedule
     set_seed(tc.seed)  # same initial weights on every rank
     model = build_method(cfg, info)  # a ValueError while building is a ConfigError
-    if tc.sync_bn and accelerator.device.type != "cuda":
-        raise ConfigError("train.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel)")
-    if tc.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if tc.sync_bn and world > 1:  # torch's SyncBatchNorm needs CUDA; elsewhere our all-reduce twin
+        cuda = accelerator.device.type == "cuda"
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if cuda else convert_allreduce_batchnorm(model)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, model.no_weight_decay(),

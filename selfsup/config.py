@@ -155,7 +155,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16  (auto: bf16 where supported, else fp32)
     channels_last: bool = True
-    sync_bn: bool = False
+    sync_bn: bool = False  # every BatchNorm over the global batch (SyncBatchNorm on CUDA, all-reduce twins on CPU)
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
     accumulate: int = 1  # gradient accumulation steps (adds no InfoNCE negatives; see README)
     checkpoint_every: int = 200  # optimiser steps between checkpoints (0 = only at the end)

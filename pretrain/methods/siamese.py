@@ -4,8 +4,8 @@ Heads are ``Linear -> BN -> ReLU`` blocks followed by a last ``Linear`` (optiona
 its own); every BN is an ``AllReduceBatchNorm1d`` when ``sync_bn`` is set, so with several
 processes the heads normalise with the statistics of the global batch (the papers' cross-replica
 BN) and the result, value and gradient, is the one process's on the concatenated batch. The
-backbone's own BatchNorm2d layers stay per process unless ``train.sync_bn=true`` (CUDA only)
-converts every BN layer to SyncBatchNorm.
+backbone's own BatchNorm2d layers stay per process unless ``train.sync_bn=true`` converts every BN
+layer of the model (SyncBatchNorm on CUDA, the all-reduce twins elsewhere).
 
 Both methods embed each view in its own forward pass (BN statistics per view, as in the papers'
 code: Grill et al.'s ``byol_experiment.py`` and Chen & He's ``simsiam/builder.py``).

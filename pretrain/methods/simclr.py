@@ -8,8 +8,9 @@ index in the gathered keys; the anchor's own key is masked. The loss is the mean
 anchors. DDP averages the per-process gradients, and each process's gradient also holds the terms
 the other processes' losses send back through the gather, so the update equals that of one process
 holding the whole global batch (checked to 1e-10 in fp64 by tests/test_simclr.py). Batch-norm
-statistics stay per process (per GradCache sub-batch in that mode), as in any DDP model without
-SyncBatchNorm.
+statistics stay per process (per GradCache sub-batch in that mode), as in any DDP model, unless
+``train.sync_bn=true`` (every BN over the global batch: SyncBatchNorm on CUDA, the all-reduce twins
+of ``pretrain/distributed.py`` on CPU/gloo).
 
 Memory, with global batch ``N`` over ``P`` processes (``n = N / P``), embedding dim ``D``, ``a``
 bytes of backbone+head activations per view, fp32 logits (4 bytes):
