@@ -26,7 +26,7 @@ from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import get_rank, get_world_size
 from selfsup.pretrain.methods import METHODS, StepContext
-from selfsup.pretrain.methods.simclr import SimCLR, grad_cache_step, info_nce
+from selfsup.pretrain.methods.simclr import SimCLR, grad_cache_step, info_nce, multi_crop_info_nce
 
 TAU = 0.2
 GLOBAL_N = 8
@@ -111,6 +111,12 @@ def _worker(out_path: str) -> None:
             loss = info_nce(z1, z2, TAU, chunk=chunk, **gather).loss
             accelerator.backward(loss)
         results[name] = {"loss": all_reduce_mean(loss), "grads": _grads(model)}
+    model, views = _setup_multi_crop()
+    ddp = accelerator.prepare(model)
+    z = ddp(torch.cat([v[local] for v in views]), embed_only=True).chunk(len(views))
+    loss = multi_crop_info_nce(list(z), TAU).loss
+    accelerator.backward(loss)
+    results["fp64_multi_crop"] = {"loss": all_reduce_mean(loss), "grads": _grads(model)}
     if rank == 0:
         torch.save(results, out_path)
 
@@ -120,6 +126,21 @@ def _reference(dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor
     model, v1, v2 = _setup(dtype)
     z1, z2 = model.embed(torch.cat([v1, v2])).chunk(2)
     loss = info_nce(z1, z2, TAU).loss
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def _setup_multi_crop():
+    """Four views per image (as two full and two small crops would give, here all one size)."""
+    model, v1, v2 = _setup(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    extra = [torch.randn(GLOBAL_N, 1, SIDE, SIDE, generator=g, dtype=torch.float64) for _ in range(2)]
+    return model, [v1, v2, *extra]
+
+
+def _reference_multi_crop() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model, views = _setup_multi_crop()
+    loss = multi_crop_info_nce(list(model.embed(torch.cat(views)).chunk(len(views))), TAU).loss
     loss.backward()
     return loss.detach(), _grads(model)
 
@@ -165,6 +186,14 @@ def test_two_processes_equal_one_process(two_process_results: dict, case: str, t
 
 
 @pytest.mark.slow
+def test_multi_crop_two_processes_equal_one_process(two_process_results: dict) -> None:
+    ref_loss, ref_grads = _reference_multi_crop()
+    got = two_process_results["fp64_multi_crop"]
+    assert abs(got["loss"].item() - ref_loss.item()) <= 1e-10 * abs(ref_loss.item())
+    assert _max_rel_err(got["grads"], ref_grads) <= 1e-10
+
+
+@pytest.mark.slow
 def test_detached_gather_fails_the_same_check(two_process_results: dict) -> None:
     ref_loss, ref_grads = _reference(torch.float64)
     got = two_process_results["fp64_detached_gather"]
@@ -199,6 +228,51 @@ def test_info_nce_matches_the_paper_formula(chunk: int) -> None:
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=0)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _naive_multi_crop(z: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """Multi-positive InfoNCE written out: for anchor (view a, image i) and each positive (view b,
+    image i), b != a: -log(e^s / (e^s + sum of e^s' over every view of every other image))."""
+    views, n = len(z), z[0].shape[0]
+    unit = [F.normalize(v, dim=1) for v in z]
+    losses = []
+    for a in range(views):
+        for i in range(n):
+            negatives = sum(torch.exp(unit[a][i] @ unit[c][k] / tau)
+                            for c in range(views) for k in range(n) if k != i)  # fmt: skip
+            terms = [-torch.log(torch.exp(unit[a][i] @ unit[b][i] / tau)
+                                / (torch.exp(unit[a][i] @ unit[b][i] / tau) + negatives))
+                     for b in range(views) if b != a]  # fmt: skip
+            losses.append(torch.stack(terms).mean())
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("views", [2, 3, 5])
+def test_multi_crop_info_nce_matches_the_formula_and_is_nt_xent_for_two_views(views: int) -> None:
+    g = torch.Generator().manual_seed(views)
+    z = [torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(views)]
+    out = multi_crop_info_nce(z, TAU)
+    ref = _naive_multi_crop(z, TAU)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=0)
+    for a, b in zip(torch.autograd.grad(out.loss, z), torch.autograd.grad(ref, z), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if views == 2:
+        torch.testing.assert_close(out.loss, info_nce(*z, TAU).loss, rtol=1e-12, atol=0)
+    # accuracy: identical views of each image make every top-1 a positive
+    same = [torch.eye(4, 6, dtype=torch.float64)] * views
+    assert multi_crop_info_nce(same, TAU).acc.item() == 1.0
+
+
+def test_multi_crop_forward_on_uint8_images_uses_small_views() -> None:
+    cfg = _config(extra=("method.simclr.small_crops=2", "method.simclr.small_size=6"))
+    torch.manual_seed(0)
+    model = build_method(cfg, INFO).train()
+    assert model.small_views.size == 6 and tuple(model.small_views.cfg.scale) == (0.05, 0.3)
+    images = torch.randint(0, 256, (4, 1, SIDE, SIDE), dtype=torch.uint8)
+    loss, logs = model(images)
+    loss.backward()
+    assert torch.isfinite(loss) and set(logs) == {"loss", "acc", "pos_sim"}
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_chunked_gradient_passes_gradcheck() -> None:

@@ -32,6 +32,7 @@ does, at the same peak activation memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.augment.views import Views
+from selfsup.augment.views import Views, build_views
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.distributed import all_gather_grad, get_rank, get_world_size
 from selfsup.pretrain.methods.base import Logs, Method, StepContext
@@ -57,6 +58,11 @@ class SimCLRConfig:
     proj_layers: int = 2  # Linear layers in the head; all but the last are followed by BN + ReLU
     loss_chunk: int = 0  # rows of the logit matrix per chunk; 0 = whole matrix at once
     grad_cache_chunk: int = 0  # >0: GradCache mode, embed sub-batches of this many images
+    # multi-crop (Caron et al. 2020): this many extra small views per image, every view of an
+    # image a positive of every other (multi_crop_info_nce); 0 = the two-view NT-Xent
+    small_crops: int = 0
+    small_size: int = 0  # side of the small views in pixels; 0 = half the views' size
+    small_scale: tuple[float, float] = (0.05, 0.3)  # area fraction of the source per small view
 
     def check(self) -> None:
         if self.temperature <= 0:
@@ -64,7 +70,12 @@ class SimCLRConfig:
         for key in ("proj_hidden", "proj_out", "proj_layers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"method.simclr.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("loss_chunk", "grad_cache_chunk"):
+        lo, hi = self.small_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"method.simclr.small_scale: need 0 < min <= max <= 1, got {tuple(self.small_scale)}")
+        if self.small_crops and (self.grad_cache_chunk or self.loss_chunk):
+            raise ValueError("method.simclr.small_crops needs grad_cache_chunk=0 and loss_chunk=0")
+        for key in ("loss_chunk", "grad_cache_chunk", "small_crops", "small_size"):
             if getattr(self, key) < 0:
                 raise ValueError(f"method.simclr.{key} must be >= 0, got {getattr(self, key)}")
 
@@ -187,6 +198,39 @@ def info_nce(
         return InfoNCEResult(loss, acc)
 
 
+def multi_crop_info_nce(
+    z: list[Tensor], temperature: float, *, gather: Callable[[Tensor], Tensor] = all_gather_grad
+) -> InfoNCEResult:
+    """InfoNCE over ``V >= 2`` views per image, every other view of an image a positive.
+
+    ``z``: ``V`` tensors ``[n, D]`` (this process's embeddings of view ``v`` of its ``n`` images).
+    Each anchor's loss is the mean over its ``V - 1`` positives ``p`` of
+    ``-log(exp(s_p) / (exp(s_p) + sum_k exp(s_k)))``, ``k`` over the views of every other image of
+    every process (solo-learn's multi-crop SimCLR loss); with ``V = 2`` that is ``info_nce``.
+    ``acc``: fraction of anchors whose most similar key (self excluded) is one of their positives.
+    """
+    n, views = z[0].shape[0], len(z)
+    dtype = torch.promote_types(z[0].dtype, torch.float32)
+    with torch.autocast(z[0].device.type, enabled=False):
+        local = F.normalize(torch.cat(z).to(dtype), dim=1)  # [V n, D], view-major
+        keys = gather(local)  # [P V n, D], rank-major
+        rows = torch.arange(views * n, device=local.device)
+        key_rows = torch.arange(keys.shape[0], device=local.device)
+        image_of_key = (key_rows // (views * n)) * n + key_rows % n  # global image index
+        image_of_row = get_rank() * n + rows % n
+        logits = local @ keys.T / temperature
+        same = image_of_row[:, None] == image_of_key[None, :]
+        is_self = key_rows[None, :] == (get_rank() * views * n + rows)[:, None]
+        neg = torch.logsumexp(logits.masked_fill(same, float("-inf")), dim=1, keepdim=True)
+        per_pair = torch.logaddexp(logits, neg) - logits  # -log(e^s_p / (e^s_p + negatives))
+        positive = same & ~is_self
+        loss = (per_pair * positive).sum(1).div(views - 1).mean()
+        with torch.no_grad():
+            top = logits.masked_fill(is_self, float("-inf")).argmax(dim=1)
+            acc = positive.gather(1, top[:, None]).to(dtype).mean()
+    return InfoNCEResult(loss, acc)
+
+
 class _RngReplay:
     """Captures the RNG state before a forward pass so the re-forward draws the same numbers
     (dropout / drop-path in a backbone would otherwise differ between GradCache's two passes)."""
@@ -223,6 +267,10 @@ class SimCLR(Method):
             self.backbone.feature_dim, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers
         )
         self.owns_backward = cfg.grad_cache_chunk > 0
+        self.small_views = None
+        if cfg.small_crops:
+            small = dataclasses.replace(views.cfg, scale=tuple(cfg.small_scale), size=cfg.small_size or views.size // 2)
+            self.small_views = build_views(small, info)
 
     def embed(self, x: Tensor) -> Tensor:
         """Projection ``[B, proj_out]`` of normalised float images (before L2 normalisation)."""
@@ -238,6 +286,18 @@ class SimCLR(Method):
         z1, z2 = self.embed(torch.cat([v1, v2])).chunk(2)
         return self._loss(z1, z2)
 
+    def multi_crop_loss(self, images: Tensor) -> tuple[Tensor, Logs]:
+        """Two full-size views and ``small_crops`` small ones per image (two forward passes)."""
+        v1, v2 = self.make_views(images)
+        with torch.no_grad():
+            small = self.small_views(images, n_views=self.cfg.small_crops)
+        z = [*self.embed(torch.cat([v1, v2])).chunk(2), *self.embed(torch.cat(small)).chunk(len(small))]
+        out = multi_crop_info_nce(z, self.cfg.temperature)
+        logs = {"loss": out.loss.detach(), "acc": out.acc.detach()}
+        with torch.no_grad():
+            logs["pos_sim"] = F.cosine_similarity(z[0].float(), z[1].float(), dim=1).mean()
+        return out.loss, logs
+
     def _loss(self, z1: Tensor, z2: Tensor) -> tuple[Tensor, Logs]:
         out = info_nce(z1, z2, self.cfg.temperature, chunk=self.cfg.loss_chunk)
         with torch.no_grad():
@@ -252,6 +312,8 @@ class SimCLR(Method):
         views (the entry point GradCache uses, so its passes run through the DDP wrapper)."""
         if embed_only:
             return self.embed(images)
+        if self.small_views is not None:
+            return self.multi_crop_loss(images)
         return self.loss_from_views(*self.make_views(images))
 
     def train_step(self, images: Tensor, ctx: StepContext) -> tuple[Tensor, Logs]:
