@@ -32,6 +32,7 @@ report shows what pretraining bought. Output: <out>/report.md, report.json, embe
 examples:
   selfsup eval --checkpoint runs/simclr --train-shards shards/train --test-shards shards/test
   selfsup eval --checkpoint runs/simclr/export --protocols knn,linear --no-baselines
+  selfsup eval --checkpoint runs/ae --baselines random_init     (no raw-pixel column)
   selfsup eval --checkpoint runs/simclr --query shirt.png     (uses runs/simclr/eval/index)
 """
 
@@ -52,8 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocols", default="linear,knn,retrieval,anomaly,plot",
                         help="comma-separated subset of linear,knn,retrieval,anomaly,plot,"
                         "properties (default: all but properties)")
-    parser.add_argument("--no-baselines", action="store_true",
-                        help="skip the raw-pixel and random-init columns (faster)")
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument("--no-baselines", action="store_true",
+                      help="skip the raw-pixel and random-init columns (faster)")
+    base.add_argument("--baselines", default="raw_pixels,random_init", metavar="LIST",
+                      help="comma-separated baseline columns: raw_pixels, random_init "
+                      "(default: both)")
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200],
                         help="neighbour counts for the kNN classifier (default: 20 200)")
     parser.add_argument("--temperature", type=float, default=0.07,
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         opts = EvalOptions(
             protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
-            baselines=() if args.no_baselines else ("raw_pixels", "random_init"),
+            baselines=() if args.no_baselines else [b.strip() for b in args.baselines.split(",")
+                                                    if b.strip()],
             knn_k=args.k, temperature=args.temperature, batch_size=args.batch_size,
             index=args.index, anomaly_classes=args.anomaly_class, plot=args.plot,
             held_out_classes=args.held_out_classes, novelty_fpr=args.fpr,
