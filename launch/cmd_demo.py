@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "simclr_demo.yaml"
-CLI = [sys.executable, "-m", "selfsup.launch.cli"]
-CALIBRATION_STEPS = 12  # the first logged interval includes warm-up; later ones are steady state
-CALIBRATION_LOG_EVERY = 4
-
-
-class DemoError(RuntimeError):
-    """A demo step failed or cannot start; the message says which and what to do."""
+from selfsup.launch.demo_steps import (
+    CLI,
+    DEFAULT_CONFIG,
+    DemoError,
+    Runner,
+    Step,
+    calibrated_length,
+    eval_step,
+    pretrain_step,
+    resolve_processes,
+    shard_steps,
+    sized_by_minutes,
+    summary_table,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,104 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="extra config overrides for pretraining"
     )
-
-
-def resolve_processes(value: str) -> int:
-    """``auto``: one process per GPU, else 2 on a machine with >= 2 cores, else 1."""
-    if value != "auto":
-        try:
-            n = int(value)
-        except ValueError as e:
-            raise DemoError(f"--processes: expected 'auto' or a number, got '{value}'") from e
-        if n < 1:
-            raise DemoError(f"--processes: must be >= 1, got {n}")
-        return n
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
-
-
-@dataclass
-class Step:
-    name: str
-    command: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Runner:
-    """Runs steps in order with numbered headers and streamed output; stops at the first failure."""
-
-    total: int
-    done: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def __call__(self, step: Step) -> None:
-        self.done += 1
-        print(f"\n=== [{self.done}/{self.total}] {step.name}", flush=True)
-        print(f"    $ {shlex.join(step.command)}", flush=True)
-        start = time.monotonic()
-        try:
-            code = subprocess.run(step.command, env={**os.environ, **step.env}).returncode
-        except OSError as e:
-            raise DemoError(f"step '{step.name}' could not start: {e}") from e
-        if code != 0:
-            raise DemoError(
-                f"step '{step.name}' failed with exit code {code} (its output is above).\n"
-                f"  command: {shlex.join(step.command)}"
-            )
-        self.seconds[step.name] = time.monotonic() - start
-        print(f"=== {step.name}: done in {self.seconds[step.name]:.0f} s", flush=True)
-
-
-def pretrain_step(name: str, processes: int, pretrain_args: list[str]) -> Step:
-    """The pretraining command a user would type: torch.distributed.run for several processes."""
-    import torch
-
-    env = {"WANDB_SILENT": "true"}
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"  # Accelerate's multi-CPU (gloo) mode; see DESIGN.md
-    if processes == 1:
-        return Step(name, [*CLI, "pretrain", *pretrain_args], env)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return Step(
-        name,
-        [*launcher, f"--nproc_per_node={processes}", "-m", "selfsup.launch.cli", "pretrain",
-         *pretrain_args],
-        env,
-    )  # fmt: skip
-
-
-def measured_images_per_s(metrics: Path) -> float:
-    """Steady-state training speed from a calibration run's metrics.jsonl (first row = warm-up)."""
-    try:
-        rows = [json.loads(r) for r in metrics.read_text().splitlines() if r.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise DemoError(f"speed measurement: cannot read {metrics} ({e})") from e
-    speeds = [float(r["img_per_s"]) for r in rows[1:] if r.get("img_per_s", 0) > 0]
-    if not speeds:
-        raise DemoError(f"speed measurement: no img_per_s rows after warm-up in {metrics}")
-    return statistics.median(speeds)
-
-
-def summary_table(report: dict) -> str:
-    """The eval report's table (metrics x models) as a person reads it in a terminal."""
-    from selfsup.eval.report import markdown_table
-
-    models = report.get("models")
-    if not isinstance(models, dict) or not models:
-        return "(the eval report has no 'models' table)"
-    return markdown_table(models)
-
-
-def eval_protocols(train_shards: Path) -> str:
-    """The eval's default protocols, plus ``properties`` when the shards record factors."""
-    from selfsup.eval.run import DEFAULT_PROTOCOLS
-
-    manifest = json.loads((train_shards / "manifest.json").read_text())
-    return ",".join((*DEFAULT_PROTOCOLS, "properties") if "factors" in manifest else DEFAULT_PROTOCOLS)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -206,42 +109,16 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
         raise DemoError(f"config: {e}") from e
     _check_out(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    user_length = any(o.startswith(("train.max_steps=", "train.epochs=")) for o in args.overrides)
-    calibrate = args.minutes is not None and not user_length
+    calibrate = sized_by_minutes(args.minutes, args.overrides)
 
-    shard_steps = [
-        Step(f"shards ({split}): embedded Fashion-MNIST subset",
-             [*CLI, "shards", "--source", "embedded", "--split", split, "--out", str(folder),
-              "--quiet"])
-        for split, folder in (("train", train_shards), ("test", test_shards))
-        if not (folder / "manifest.json").is_file()
-    ]  # fmt: skip
-    run_step = Runner(total=len(shard_steps) + (5 if calibrate else 4))
-    for step in shard_steps:
+    shards = shard_steps(train_shards, test_shards)
+    run_step = Runner(total=len(shards) + (5 if calibrate else 4))
+    for step in shards:
         run_step(step)
-
     length: list[str] = []
     if calibrate:
-        shutil.rmtree(calib_dir, ignore_errors=True)
-        run_step(
-            pretrain_step(
-                f"measure training speed ({CALIBRATION_STEPS} steps, {processes} processes)",
-                processes,
-                ["--config", str(config), f"run_dir={calib_dir}", *common, "log.wandb=off",
-                 "log.progress=false", f"train.max_steps={CALIBRATION_STEPS}",
-                 f"train.log_every={CALIBRATION_LOG_EVERY}", "train.checkpoint_every=0"],
-            )
-        )  # fmt: skip
-        speed = measured_images_per_s(calib_dir / "metrics.jsonl")
-        shutil.rmtree(calib_dir)
-        steps = max(1, round(args.minutes * 60 * speed / cfg.data.batch_size))
-        n_train = json.loads((train_shards / "manifest.json").read_text())["num_samples"]
-        print(
-            f"    {speed:.0f} images/s -> {steps} steps of {cfg.data.batch_size} images "
-            f"(~{steps * cfg.data.batch_size / n_train:.1f} epochs) in {args.minutes:g} min",
-            flush=True,
-        )
-        length = [f"train.max_steps={steps}"]
+        length, _ = calibrated_length(run_step, config, processes, common, calib_dir, args.minutes,
+                                      cfg.data.batch_size, train_shards)  # fmt: skip
 
     run_step(
         pretrain_step(
@@ -255,11 +132,8 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
              [*CLI, "views", "--shards", str(train_shards), "--config", str(config),
               "--out", str(out / "views.png")])
     )  # fmt: skip
-    run_step(
-        Step("evaluate (pretrained vs raw pixels vs random init)",
-             [*CLI, "eval", "--checkpoint", str(run_dir), "--train-shards", str(train_shards),
-              "--test-shards", str(test_shards), "--protocols", eval_protocols(train_shards)])
-    )  # fmt: skip
+    run_step(eval_step("evaluate (pretrained vs raw pixels vs random init)", run_dir,
+                       train_shards, test_shards))  # fmt: skip
     run_step(Step("export", [*CLI, "export", "--run", str(run_dir), "--out", str(out / "export")]))
     return run_dir, run_dir / "eval" / "report.json"
 

@@ -89,7 +89,7 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
 
 
 def test_demo_adds_the_properties_protocol_when_its_shards_carry_factors(tmp_path):
-    from selfsup.launch.cmd_demo import eval_protocols
+    from selfsup.launch.demo_steps import eval_protocols
     from selfsup.pretrain.data.datasets import shapes
     from selfsup.pretrain.data.shards import ShardOptions, write_shards
 
