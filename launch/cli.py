@@ -17,7 +17,8 @@ SUBCOMMANDS = {
     "pretrain": "pretrain a backbone (SimCLR / MAE / DAE) on a shard set",
     "eval": "evaluate a checkpoint or export: linear probe, kNN, retrieval, anomaly AUROC, plot",
     "export": "export a run's backbone as safetensors + config + model card",
-    "demo": "the whole pipeline on the embedded data: shards, pretrain, eval, export",
+    "demo": "the whole pipeline on the embedded data: shards, pretrain, eval, export "
+    "(--compare: every method, one table)",
 }
 
 

@@ -16,6 +16,9 @@ training on CPU is deterministic. With ``--minutes M`` it instead measures this 
 training speed with a few steps of the same command and sizes ``train.max_steps`` to M minutes,
 so the learning rate still anneals to zero inside the budget (most of SimCLR's gain comes as the
 rate falls); ``train.max_steps=...`` or ``train.epochs=...`` overrides skip the measurement.
+
+``--compare`` (``--methods a,b``) runs every demo recipe through these steps and writes one table;
+that lives in ``launch/demo_compare.py``, this module only dispatches to it.
 """
 
 from __future__ import annotations
@@ -42,15 +45,45 @@ from selfsup.launch.demo_steps import (
     summary_table,
 )
 
+EPILOG = """\
+examples:
+  selfsup demo                                    SimCLR, the recipe's 45 epochs, into runs/demo
+  selfsup demo --minutes 3 --config configs/vae_demo.yaml
+  selfsup demo --compare --minutes 5              every method, 5 minutes each, into runs/compare
+  selfsup demo --compare --methods simclr,byol,ae --out runs/cmp train.max_steps=300
+
+--compare runs every method with a recipe configs/<name>_demo.yaml (or the --methods subset)
+through the same steps (shards once, then per method: speed measurement and pretraining, eval) and
+writes one table, <out>/compare.md, compare.json and the bar chart compare.png. Without --minutes
+each recipe trains for its own train.epochs, so the methods get different budgets; with --minutes
+every method gets the same wall-clock budget. A method whose eval report exists in <out>/<name>/
+is reused, so an interrupted compare continues where it stopped; --overwrite reruns the chosen
+methods (the shards in <out>/data are kept).
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "--out", default=None, help="folder for everything the demo writes (default: runs/demo, "
+        "with --compare runs/compare)"
+    )
     parser.add_argument(
         "--minutes",
         type=float,
         default=None,
         help="size pretraining to this many minutes on this machine (measured first) instead of "
-        "the recipe's train.epochs",
+        "the recipe's train.epochs; with --compare, the same budget for every method",
+    )
+    parser.add_argument(
+        "--compare", action="store_true",
+        help="run every demo method (configs/<name>_demo.yaml) and write one comparison table",
+    )
+    parser.add_argument(
+        "--methods", default=None, metavar="A,B,...",
+        help="compare only these methods (the <name> of configs/<name>_demo.yaml; implies "
+        "--compare)",
     )
     parser.add_argument(
         "--processes",
@@ -58,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training processes: auto (one per GPU, else 2 when >= 2 cores) or a number",
     )
     parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="pretraining recipe (default: simclr_demo)"
+        "--config", default=None, help="pretraining recipe (default: configs/simclr_demo.yaml)"
     )
     parser.add_argument(
         "--wandb",
@@ -67,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="W&B mode for pretraining (default: offline, needs no network; 'wandb sync' later)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace a previous demo run in --out"
+        "--overwrite", action="store_true",
+        help="replace a previous demo run in --out (with --compare: rerun the chosen methods)",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="extra config overrides for pretraining"
@@ -95,7 +129,7 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
     from selfsup.config import ConfigError, load_config
 
     out = Path(args.out)
-    config = Path(args.config)
+    config = Path(args.config or DEFAULT_CONFIG)
     if not config.is_file():
         raise DemoError(f"--config: recipe not found: {config}")
     processes = resolve_processes(args.processes)
@@ -139,6 +173,11 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compare or args.methods is not None:
+        from selfsup.launch.demo_compare import run_compare
+
+        return run_compare(args)
+    args.out = args.out or "runs/demo"
     started = time.monotonic()
     try:
         run_dir, report_path = demo(args)
