@@ -372,7 +372,8 @@ def test_train_step_on_uint8_images_in_gradcache_mode(accelerator) -> None:
 
 
 def test_registry_builds_simclr_and_names_unknown_methods() -> None:
-    assert set(METHODS) == {"simclr", "mae", "dae", "ae", "sparse_ae", "cae", "vae", "beta_vae", "byol", "simsiam"}
+    assert set(METHODS) == {"simclr", "simclr_ae", "mae", "dae", "ae", "sparse_ae", "cae", "vae", "beta_vae", "byol",
+                            "simsiam"}
     cfg = _config()
     assert isinstance(build_method(cfg, INFO), SimCLR)
     cfg.method.name = "byol9"

@@ -14,6 +14,7 @@ from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     dae,
     mae,
     simclr,
+    simclr_ae,
     simsiam,
     sparse_ae,
     vae,

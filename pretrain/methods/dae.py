@@ -96,17 +96,20 @@ def upsampling_plan(feature_size: int, image_size: int) -> list[int]:
 
 class ConvDecoder(nn.Module):
     """1x1 bottleneck, then (transposed conv, BatchNorm, ReLU) per stage, then a 3x3 conv to
-    pixels. Channels halve per stage from the encoder's width, no lower than 32."""
+    pixels. Channels halve per stage from the encoder's width (or ``2 * width``, when given), no
+    lower than 32."""
 
     def __init__(
-        self, in_channels: int, code_channels: int, out_channels: int, paddings: list[int]
+        self, in_channels: int, code_channels: int, out_channels: int, paddings: list[int],
+        width: int | None = None,
     ) -> None:
         super().__init__()
+        start = in_channels if width is None else 2 * width
         self.bottleneck = nn.Conv2d(in_channels, code_channels, kernel_size=1)
         stages: list[nn.Module] = []
         width = code_channels
         for i, pad in enumerate(paddings):
-            nxt = max(in_channels // 2 ** (i + 1), 32)
+            nxt = max(start // 2 ** (i + 1), 32)
             stages += [
                 nn.ConvTranspose2d(
                     width, nxt, 3, stride=2, padding=1, output_padding=pad, bias=False
