@@ -1,6 +1,7 @@
 """``selfsup demo``: the whole pipeline on the embedded data, through the real subcommands.
 
-embedded Fashion-MNIST subset -> shards -> SimCLR pretraining (small ResNet; one process per GPU,
+embedded Fashion-MNIST subset -> shards -> pretraining (SimCLR with a reconstruction term, small
+ResNet; one process per GPU,
 else 2 CPU processes when the machine has >= 2 cores) -> views grid -> evaluation (linear probe,
 kNN, retrieval, anomaly AUROC, 2-D plot, raw-pixel and random-init baselines; plus the properties
 protocol when the shards carry generating factors) -> export. Shards already in ``<out>/data/train``
@@ -11,7 +12,7 @@ Every step runs as a subprocess of the same Python (``python -m selfsup.launch.c
 user types, and a failing step stops the demo with its command and exit code. Output is streamed.
 
 By default the demo trains for the recipe's ``train.epochs`` (45 epochs of the embedded set in
-``configs/simclr_demo.yaml``, about 7.5 minutes on 2 CPU cores), so its table is reproducible:
+``configs/simclr_ae_demo.yaml``, about 8 minutes on 2 CPU cores), so its table is reproducible:
 training on CPU is deterministic. With ``--minutes M`` it instead measures this machine's
 training speed with a few steps of the same command and sizes ``train.max_steps`` to M minutes,
 so the learning rate still anneals to zero inside the budget (most of SimCLR's gain comes as the
@@ -91,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training processes: auto (one per GPU, else 2 when >= 2 cores) or a number",
     )
     parser.add_argument(
-        "--config", default=None, help="pretraining recipe (default: configs/simclr_demo.yaml)"
+        "--config", default=None, help="pretraining recipe (default: configs/simclr_ae_demo.yaml; configs/<method>_demo.yaml "
+        "for the others)"
     )
     parser.add_argument(
         "--wandb",

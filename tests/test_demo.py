@@ -46,7 +46,7 @@ def test_previous_run_is_not_overwritten_silently(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end_with_tiny_budget(tmp_path):
-    assert DEFAULT_CONFIG.is_file(), "configs/simclr_demo.yaml is the demo's recipe"
+    assert DEFAULT_CONFIG.is_file(), "configs/simclr_ae_demo.yaml is the demo's recipe"
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "selfsup.launch.cli", "demo", "--out", str(out),
@@ -79,7 +79,7 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
 
     export = out / "export"
     meta = json.loads((export / "config.json").read_text())
-    assert meta["method"] == "simclr" and meta["channels"] == 1 and meta["image_size"] == 28
+    assert meta["method"] == "simclr_ae" and meta["channels"] == 1 and meta["image_size"] == 28
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(load_backbone(export)(x), load_backbone(run_dir)(x))
