@@ -12,6 +12,31 @@ of every row so far is printed at the end (and by ``--table``).
     .venv/bin/python benchmarks/demo_levers.py --name tau0.1 --steps 900 method.simclr.temperature=0.1
     .venv/bin/python benchmarks/demo_levers.py --name byol --config configs/byol_demo.yaml --steps 900
     .venv/bin/python benchmarks/demo_levers.py --table
+
+Measured 2026-12-02 (2 CPU cores, 2 processes, 900 steps of 256 = 29 epochs of the 8k split; the
+SimCLR demo recipe unless the row says otherwise; validation split, so not comparable with the
+test-split demo table; img/s is noisy where other work shared the cores):
+
+| experiment | img/s | lin | kNN@20 | kNN@200 | R@1 | mAP@R |
+|---|---:|---:|---:|---:|---:|---:|
+| SimCLR demo recipe (bf16, per-process BN) | 1076 | 85.60 | 81.10 | 77.80 | 77.45 | 35.44 |
+| fp32 instead of bf16 autocast | 812 | 85.35 | 81.10 | 78.45 | 78.95 | 35.78 |
+| BN over the global batch (train.sync_bn) | 566 | 85.40 | 81.75 | 78.05 | 79.65 | 34.94 |
+| batch 128, 1800 steps (same images) | | 85.25 | 81.45 | 78.30 | 78.95 | 35.41 |
+| crop scale (0.4, 1) | 1126 | 85.85 | 81.80 | 77.75 | 79.70 | 38.17 |
+| temperature 0.5 | | 86.30 | 81.40 | 76.00 | 78.15 | 39.64 |
+| **simclr_ae**, view target, weight 1 | 997 | **86.85** | **82.40** | **78.40** | 79.65 | 36.55 |
+| simclr_ae, un-augmented image target | | 83.40 | 79.55 | 74.65 | 77.05 | 33.98 |
+| simclr_ae + crop scale (0.4, 1) | 922 | 86.05 | 82.35 | 77.85 | 80.25 | 38.06 |
+| simclr_ae, weight 3, grad clip 3 | 997 | 85.30 | 81.25 | 76.85 | 78.45 | 34.54 |
+| simclr_ae + temperature 0.5 | 994 | 86.70 | 81.35 | 76.40 | 79.25 | 39.46 |
+| simclr_ae, weight 2 / 5; weight 1 at 28 px | | diverged (non-finite loss at lr 0.5) | | | | |
+| raw pixels | | 84.05 | 84.00 | 79.65 | 83.55 | 33.69 |
+| random init | | 79.70 | 78.65 | 71.55 | 76.05 | 24.76 |
+
+What it says: bf16 and per-process BatchNorm cost nothing measurable per step on the linear probe
+and kNN@20 (fp32 and global BN move them by -0.25 .. +0.65, within run-to-run noise, at 0.75x and
+0.53x the speed); the reconstruction term is the one lever that moved every row up together.
 """
 
 from __future__ import annotations
