@@ -11,7 +11,7 @@ Every step runs as a subprocess of the same Python (``python -m selfsup.launch.c
 ``torch.distributed.run`` for several training processes), so the demo exercises exactly what a
 user types, and a failing step stops the demo with its command and exit code. Output is streamed.
 
-By default the demo trains for the recipe's ``train.epochs`` (45 epochs of the embedded set in
+By default the demo trains for the recipe's ``train.epochs`` (55 epochs of the embedded set in
 ``configs/simclr_ae_demo.yaml``, about 8 minutes on 2 CPU cores), so its table is reproducible:
 training on CPU is deterministic. With ``--minutes M`` it instead measures this machine's
 training speed with a few steps of the same command and sizes ``train.max_steps`` to M minutes,
