@@ -65,6 +65,12 @@ class Method(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Logs]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(images)")
 
+    def make_views(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Two augmented views of a uint8 batch, made without a graph (the two-view methods)."""
+        with torch.no_grad():
+            v1, v2 = self.views(images, n_views=2)
+        return v1, v2
+
     # ------------------------------------------------------------------ optional hooks
     def train_step(self, images: Tensor, ctx: StepContext) -> tuple[Tensor, Logs]:
         """Forward and backward of one micro-batch, no optimiser step (when ``owns_backward``)."""

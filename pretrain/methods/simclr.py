@@ -276,11 +276,6 @@ class SimCLR(Method):
         """Projection ``[B, proj_out]`` of normalised float images (before L2 normalisation)."""
         return self.head(self.backbone(x))
 
-    def make_views(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            v1, v2 = self.views(images, n_views=2)
-        return v1, v2
-
     def loss_from_views(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, Logs]:
         """Loss of two aligned batches of views (one forward pass over both)."""
         z1, z2 = self.embed(torch.cat([v1, v2])).chunk(2)

@@ -80,11 +80,6 @@ class SimSiam(Method):
             return {"predictor.": {"fixed_lr": True}}
         return {}
 
-    def make_views(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            v1, v2 = self.views(images, n_views=2)
-        return v1, v2
-
     def loss_from_views(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, Logs]:
         """Loss of two aligned batches of float views; each view is its own forward pass."""
         z1, z2 = self.projector(self.backbone(v1)), self.projector(self.backbone(v2))
