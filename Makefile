@@ -24,7 +24,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=15
 
 test-fast: $(BIN)/.installed
 	$(BIN)/pytest -q -m "not slow and not slurm"
