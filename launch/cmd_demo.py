@@ -48,7 +48,7 @@ from selfsup.launch.demo_steps import (
 
 EPILOG = """\
 examples:
-  selfsup demo                                    SimCLR, the recipe's 45 epochs, into runs/demo
+  selfsup demo                                    simclr_ae, the recipe's 55 epochs, into runs/demo
   selfsup demo --minutes 3 --config configs/vae_demo.yaml
   selfsup demo --compare --minutes 5              every method, 5 minutes each, into runs/compare
   selfsup demo --compare --methods simclr,byol,ae --out runs/cmp train.max_steps=300
