@@ -80,3 +80,5 @@ def test_impossible_combinations_are_named() -> None:
         _model("simclr_ae", "method.simclr_ae.recon_size=32")
     with pytest.raises(ValueError, match="simclr_ae"):
         build_method(load_config(None, ["method.name=simclr_ae", "model.backbone=vit_micro"]), INFO)
+    with pytest.raises(ValueError, match="method.simclr_ae.small_crops is not supported"):
+        _model("simclr_ae", "method.simclr_ae.small_crops=2")

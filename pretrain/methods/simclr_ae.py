@@ -68,8 +68,9 @@ class SimCLRAE(SimCLR):
 
     def __init__(self, cfg: SimCLRAEConfig, backbone: nn.Module, views: Views, info: DataInfo):
         super().__init__(cfg, backbone, views, info)
-        if cfg.grad_cache_chunk:
-            raise ValueError("method.simclr_ae.grad_cache_chunk is not supported (the decoder needs the feature maps)")
+        for key in ("grad_cache_chunk", "small_crops"):
+            if getattr(cfg, key):
+                raise ValueError(f"method.simclr_ae.{key} is not supported (the decoder needs the two views' feature maps)")
         self.plain_views = views.plain()
         size = cfg.recon_size or views.size
         if size > views.size:
