@@ -138,7 +138,7 @@ def calibrated_length(
     shutil.rmtree(calib_dir, ignore_errors=True)
     run_step(
         pretrain_step(
-            f"{label}measure training speed ({CALIBRATION_STEPS} steps, {processes} processes)",
+            f"{label}measure training speed ({CALIBRATION_STEPS} steps, {processes} process{'es' if processes > 1 else ''})",
             processes,
             ["--config", str(config), f"run_dir={calib_dir}", *common, "log.wandb=off",
              "log.progress=false", f"train.max_steps={CALIBRATION_STEPS}",
