@@ -94,6 +94,17 @@ def upsampling_plan(feature_size: int, image_size: int) -> list[int]:
     return paddings[::-1]
 
 
+def probe_feature_map(backbone: nn.Module, channels: int, size: int) -> torch.Tensor:
+    """The backbone's last feature map for one blank ``size``-px image, computed at construction
+    to plan a decoder: eval mode (BatchNorm accepts a 1-image batch), no grad, mode restored."""
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone.forward_features(torch.zeros(1, channels, size, size))
+    backbone.train(was_training)
+    return out
+
+
 class ConvDecoder(nn.Module):
     """1x1 bottleneck, then (transposed conv, BatchNorm, ReLU) per stage, then a 3x3 conv to
     pixels. Channels halve per stage from the encoder's width (or ``2 * width``, when given), no
@@ -138,7 +149,7 @@ class DAE(Method):
         self.plain_views = views.plain()
         size, channels = views.size, info.channels
         probe = torch.zeros(1, channels, size, size)
-        features = self._dry_run(self.backbone.forward_features, probe)
+        features = probe_feature_map(self.backbone, channels, size)
         if features.dim() != 4:
             raise ValueError(
                 f"method.name=dae needs a convolutional (ResNet) backbone with a [B, C, h, w] "

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from selfsup.augment.views import Views
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.methods.base import Logs
-from selfsup.pretrain.methods.dae import ConvDecoder, upsampling_plan
+from selfsup.pretrain.methods.dae import ConvDecoder, probe_feature_map, upsampling_plan
 from selfsup.pretrain.methods.registry import register_method
 from selfsup.pretrain.methods.simclr import SimCLR, SimCLRConfig
 
@@ -76,11 +76,7 @@ class SimCLRAE(SimCLR):
         if size > views.size:
             raise ValueError(f"method.simclr_ae.recon_size={size} is larger than the views ({views.size} px)")
         self.recon_px = size
-        was = backbone.training
-        backbone.eval()
-        with torch.no_grad():
-            fmap = backbone.forward_features(torch.zeros(1, info.channels, views.size, views.size))
-        backbone.train(was)
+        fmap = probe_feature_map(backbone, info.channels, views.size)
         if fmap.dim() != 4 or fmap.shape[2] != fmap.shape[3]:
             raise ValueError(f"method.simclr_ae needs a square [B, C, h, w] feature map, got {tuple(fmap.shape)}")
         plan = upsampling_plan(fmap.shape[2], size)
@@ -101,8 +97,8 @@ class SimCLRAE(SimCLR):
             return loss, logs
         with torch.no_grad():
             if self.cfg.recon_target == "image":
-                clean = self.plain_views(images, n_views=1)[0]
-                target = self._target(torch.cat([clean, clean]))
+                clean = self._target(self.plain_views(images, n_views=1)[0])
+                target = torch.cat([clean, clean])  # the same target for both views
             else:
                 target = self._target(torch.cat([v1, v2]))
         recon = self.decoder(fmap)
