@@ -33,8 +33,8 @@ from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.data.datasets import Sample, shapes
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
+from selfsup.pretrain.loop.optim import build_optimizer
 from selfsup.pretrain.methods.simclr import info_nce
-from selfsup.pretrain.optim import build_optimizer
 
 # used by gpu_parts.py; the CLI (`selfsup demo`, `selfsup pretrain`) is reached through CLI below
 __all__ = ["DataInfo", "build_method", "build_optimizer", "build_views", "info_nce",

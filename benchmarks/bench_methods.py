@@ -31,7 +31,7 @@ from selfsup.config import load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.data.datasets import embedded
-from selfsup.pretrain.optim import build_optimizer
+from selfsup.pretrain.loop.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("simclr", "byol", "simsiam")

@@ -90,7 +90,7 @@ def run(cmd: list[str], env: dict | None = None) -> None:
 
 
 def train_and_eval(method: str, data: Path, work: Path, minutes: float, processes: int) -> dict:
-    from selfsup.launch.demo_steps import (
+    from selfsup.launch.demo.steps import (
         CALIBRATION_LOG_EVERY,
         CALIBRATION_STEPS,
         measured_images_per_s,

@@ -128,7 +128,7 @@ def profile_step(config: str, shards: Path, repeats: int, threads: int) -> None:
     from selfsup.config import load_config
     from selfsup.pretrain.build import build_method, data_info
     from selfsup.pretrain.data.stream import ShardSet, load_arrays
-    from selfsup.pretrain.optim import build_optimizer
+    from selfsup.pretrain.loop.optim import build_optimizer
 
     cfg = load_config(config, [f"data.train={shards}", "data.test="])
     ss = ShardSet.open(shards)

@@ -24,7 +24,7 @@ from selfsup.config import Config
 from selfsup.eval.features import _gather_rows, extract_features_from
 from selfsup.pretrain.data.stream import ShardSet, ShardStream
 from selfsup.pretrain.distributed import get_rank, get_world_size
-from selfsup.pretrain.hooks import HookContext, TrainHook
+from selfsup.pretrain.hooks.base import HookContext, TrainHook
 
 
 def slice_features(backbone: nn.Module, shards: ShardSet, mean: Sequence[float], std: Sequence[float],

@@ -35,11 +35,11 @@ from selfsup.eval.novelty import DEFAULT_FPR, excluded_classes, novelty_report
 from selfsup.eval.plots import plot_embeddings, project_2d, subsample
 from selfsup.eval.report import write_report
 from selfsup.eval.wandb_log import log_to_training_run
-from selfsup.pretrain import rundir
 from selfsup.pretrain.methods import Method, method_entry
 from selfsup.pretrain.models.backbones import build_backbone
 from selfsup.pretrain.models.base import Backbone
-from selfsup.pretrain.rundir import Resolved
+from selfsup.pretrain.run import rundir
+from selfsup.pretrain.run.rundir import Resolved
 
 DEFAULT_PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
 PROTOCOLS = (*DEFAULT_PROTOCOLS, "properties")  # properties needs shards with factors
@@ -152,7 +152,7 @@ def resolve_checkpoint(path: str | Path) -> Resolved:
 
 def load_model(where: Resolved | str | Path) -> Backbone:
     """``load_backbone`` with its errors turned into EvalError naming the checkpoint."""
-    from selfsup.pretrain.export import load_backbone
+    from selfsup.pretrain.run.export import load_backbone
 
     if not isinstance(where, Resolved):
         where = resolve_checkpoint(where)
@@ -164,7 +164,7 @@ def load_model(where: Resolved | str | Path) -> Backbone:
 
 def model_config(where: Resolved) -> ModelConfig:
     """The ``ModelConfig`` of a run directory or export folder (to rebuild it at random init)."""
-    from selfsup.pretrain.export import read_export_config
+    from selfsup.pretrain.run.export import read_export_config
 
     if where.run_dir is not None:
         return rundir.read_config(where.run_dir).model

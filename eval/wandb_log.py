@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from selfsup.pretrain import rundir
+from selfsup.pretrain.run import rundir
 from selfsup.tables import metric_name
 
 

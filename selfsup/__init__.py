@@ -21,7 +21,7 @@ __all__ = ["__version__", "evaluate", "export", "load_backbone", "pretrain"]
 
 def __getattr__(name: str) -> Any:
     if name == "load_backbone":
-        from selfsup.pretrain.export import load_backbone
+        from selfsup.pretrain.run.export import load_backbone
 
         return load_backbone
     if name in ("evaluate", "export"):

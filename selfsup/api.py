@@ -55,8 +55,8 @@ def default_hooks(cfg: Config) -> list:
     the method's own pictures (``Method.pictures``/``latent``: VAE samples, latent scatter) and the
     periodic kNN evaluation (``eval.every_epochs`` with ``data.test``)."""
     from selfsup.eval.periodic import periodic_hooks
-    from selfsup.pretrain.pictures import MethodPictures
-    from selfsup.pretrain.recon import ReconstructionGrid
+    from selfsup.pretrain.hooks.pictures import MethodPictures
+    from selfsup.pretrain.hooks.recon import ReconstructionGrid
 
     pictures = MethodPictures(cfg.data.train, cfg.data.test, seed=cfg.train.seed)
     return [ReconstructionGrid(cfg.data.train), pictures, *periodic_hooks(cfg)]
@@ -66,7 +66,7 @@ def pretrain_config(cfg: Config, resume: str | None = None) -> Path:
     """Train ``cfg`` in this process with the CLI's hooks; returns the run directory."""
     from selfsup.config import ConfigError
     from selfsup.pretrain.data.shard_cache import resolve_image_folders
-    from selfsup.pretrain.train import train
+    from selfsup.pretrain.loop.train import train
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: point it at a shard set (selfsup shards --out DIR)")
@@ -84,7 +84,7 @@ def pretrain(config: str | Path | Config | None = None, *, resume: str | None = 
 def shards_for(where, train: str | None, test: str | None) -> tuple[str, str]:
     """Fill missing shard paths from the run's config (data.train / data.test)."""
     from selfsup.eval.run import EvalError
-    from selfsup.pretrain.rundir import RunDirError, read_config
+    from selfsup.pretrain.run.rundir import RunDirError, read_config
 
     if train and test:
         return train, test
@@ -107,7 +107,7 @@ def evaluate(checkpoint: str | Path, *, train_shards: str | None = None,
     report to ``out`` (default ``<run>/eval``) and returns it. ``options`` are ``EvalOptions``
     fields (``protocols=("linear", "knn")``, ``knn_k=(20,)``, ``device="cuda"``, ...)."""
     from selfsup.eval.run import EvalOptions, resolve_checkpoint, run_eval
-    from selfsup.pretrain.rundir import EVAL_DIR
+    from selfsup.pretrain.run.rundir import EVAL_DIR
 
     where = resolve_checkpoint(checkpoint)
     train, test = shards_for(where, train_shards, test_shards)
@@ -117,8 +117,8 @@ def evaluate(checkpoint: str | Path, *, train_shards: str | None = None,
 
 def export(run: str | Path, *, out: str | Path | None = None, onnx: bool = False) -> Path:
     """Export (``selfsup export``) a run's backbone; returns the export folder."""
-    from selfsup.pretrain.export import export_run
-    from selfsup.pretrain.rundir import EXPORT_DIR, resolve
+    from selfsup.pretrain.run.export import export_run
+    from selfsup.pretrain.run.rundir import EXPORT_DIR, resolve
 
     where = resolve(run)
     folder = Path(out) if out is not None else where.home / EXPORT_DIR

@@ -4,7 +4,7 @@ A recipe under ``configs/`` is loaded into the ``Config`` dataclass tree. Every 
 the tree and every value must have the declared type, otherwise ``ConfigError`` names the dotted
 key. Each section then checks its own fields (its ``check()``; the sections live beside the code
 they configure: ``augment`` in augment/views.py, ``model`` in pretrain/models/backbones.py,
-``optim`` in pretrain/optim.py, each ``method.<name>`` in its method's file), and ``validate``
+``optim`` in pretrain/loop/optim.py, each ``method.<name>`` in its method's file), and ``validate``
 adds the checks that span sections (a method's backbone needs, GradCache vs accumulation). Name
 lists come from the registries that own them, so a new method or backbone needs no edit here.
 """
@@ -23,9 +23,9 @@ import yaml
 
 from selfsup.augment.views import AugmentConfig
 from selfsup.pretrain.data.import_parallel import BAD_IMAGE_POLICIES
+from selfsup.pretrain.loop.optim import OptimConfig
 from selfsup.pretrain.methods import METHODS
 from selfsup.pretrain.models.backbones import ModelConfig, backbone_kind
-from selfsup.pretrain.optim import OptimConfig
 
 __all__ = ["AugmentConfig", "Config", "ConfigError", "MethodConfig", "ModelConfig", "OptimConfig",
            "load_config", "save_config", "to_dict", "from_dict", "parse_overrides"]  # fmt: skip

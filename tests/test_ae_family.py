@@ -190,7 +190,7 @@ def test_beta_vae_traversal_varies_one_dimension_per_row():
 
 
 def test_cli_rejects_a_bad_config_before_reading_data(tmp_path, capsys):
-    from selfsup.launch.cli import main as cli
+    from selfsup.launch.cli.main import main as cli
 
     missing = tmp_path / "no-such-shards"
     assert cli(["pretrain", f"data.train={missing}", "method.name=beta_vae", "method.beta_vae.beta=-1"]) == 2

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MAE_CPU = str(ROOT / "configs" / "mae_demo.yaml")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.pretrain.rundir import LATEST, latest_checkpoint, list_checkpoints, load_checkpoint
+from selfsup.pretrain.run.rundir import LATEST, latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "ACCELERATE_USE_CPU": "1",

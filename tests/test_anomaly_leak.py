@@ -77,7 +77,7 @@ def test_score_is_the_masked_patch_error_in_the_training_target_space() -> None:
 def test_reconstruction_picture_says_what_it_shows(tmp_path) -> None:
     from PIL import Image
 
-    from selfsup.pretrain.recon import save_reconstruction_grid
+    from selfsup.pretrain.hooks.recon import save_reconstruction_grid
 
     mae = _mae(norm_pix=True)
     path = save_reconstruction_grid(mae, torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), tmp_path / "r.png")

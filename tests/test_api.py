@@ -49,7 +49,7 @@ def test_eval_goes_into_the_pretraining_wandb_run(tmp_path: Path, small_shards: 
     summary metrics, the report table and the pictures; read back from the offline files."""
     from wandb_records import complete, records
 
-    from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+    from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     settings = {**SMALL, "log__wandb": "offline"}

@@ -77,7 +77,7 @@ def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_walk_sees_the_package() -> None:
     g = graph()
-    assert {"selfsup.pretrain.train", "selfsup.pretrain.methods.base", "selfsup.eval.run"} <= set(g)
+    assert {"selfsup.pretrain.loop.train", "selfsup.pretrain.methods.base", "selfsup.eval.run"} <= set(g)
     assert "selfsup.pretrain.methods.base" in g["selfsup.pretrain.methods.simclr"]
 
 
@@ -88,7 +88,7 @@ def test_no_import_cycle() -> None:
 
 def test_cycle_finder_finds_a_planted_cycle() -> None:
     g = graph()
-    g["selfsup.data_info"] = g["selfsup.data_info"] | {"selfsup.pretrain.train"}
+    g["selfsup.data_info"] = g["selfsup.data_info"] | {"selfsup.pretrain.loop.train"}
     assert find_cycle(g) is not None
 
 
@@ -103,3 +103,45 @@ def test_no_module_over_the_limit() -> None:
     long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
     over = {n: k for n, k in long.items() if k > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines (split by job): {over}"
+
+
+def sub_folders() -> set[str]:
+    """The packages one level below a top-level package (``selfsup.pretrain.loop``, ...)."""
+    return {n for n, p in modules().items() if p.name == "__init__.py" and n.count(".") == 2}
+
+
+def folder(module: str, subs: set[str]) -> str | None:
+    """The sub-folder a module lives in (``selfsup.pretrain.loop.train`` and the package
+    ``selfsup.pretrain.loop`` itself -> ``selfsup.pretrain.loop``); None for a module directly in a
+    top-level package (``selfsup.pretrain.build``)."""
+    top3 = ".".join(module.split(".")[:3])
+    return top3 if top3 in subs else None
+
+
+def folder_graph(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    subs = sub_folders()
+    out: dict[str, set[str]] = {}
+    for a, deps in g.items():
+        fa = folder(a, subs)
+        if fa is None:
+            continue
+        out.setdefault(fa, set()).update(f for b in deps if (f := folder(b, subs)) not in (None, fa))
+    return out
+
+
+def test_the_folder_walk_sees_the_sub_folders() -> None:
+    fg = folder_graph(graph())
+    assert {"selfsup.pretrain.loop", "selfsup.pretrain.run", "selfsup.pretrain.hooks",
+            "selfsup.pretrain.methods", "selfsup.launch.cli", "selfsup.launch.demo"} <= set(fg)  # fmt: skip
+    assert "selfsup.pretrain.run" in fg["selfsup.pretrain.loop"]
+
+
+def test_no_two_sub_folders_import_each_other() -> None:
+    cycle = find_cycle(folder_graph(graph()))
+    assert cycle is None, "sub-folders import each other: " + " -> ".join(cycle)
+
+
+def test_folder_check_finds_a_planted_back_import() -> None:
+    g = graph()
+    g["selfsup.pretrain.run.rundir"] = g["selfsup.pretrain.run.rundir"] | {"selfsup.pretrain.loop.train"}
+    assert find_cycle(folder_graph(g)) is not None

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
-from selfsup.pretrain.export import export_run, load_backbone
+from selfsup.pretrain.loop.optim import build_optimizer
 from selfsup.pretrain.methods.byol import BYOL, byol_loss, ema_update, momentum_tau
-from selfsup.pretrain.optim import build_optimizer
-from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+from selfsup.pretrain.run.export import export_run, load_backbone
+from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 INFO = DataInfo(channels=1, image_size=12, mean=(0.5,), std=(0.25,))
 SMALL = ["method.name=byol", "model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.25",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfsup.pretrain.rundir import (
+from selfsup.pretrain.run.rundir import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,

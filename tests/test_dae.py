@@ -12,8 +12,8 @@ from PIL import Image
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
+from selfsup.pretrain.hooks.recon import GAP_PX, save_reconstruction_grid
 from selfsup.pretrain.methods.dae import reconstruction_loss, upsampling_plan
-from selfsup.pretrain.recon import GAP_PX, save_reconstruction_grid
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 RGB32 = DataInfo(channels=3, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsup.launch.cli import main as cli_main
-from selfsup.launch.cmd_demo import DEFAULT_CONFIG, DemoError, resolve_processes
-from selfsup.pretrain.export import load_backbone
+from selfsup.launch.cli.main import main as cli_main
+from selfsup.launch.demo.command import DEFAULT_CONFIG, DemoError, resolve_processes
+from selfsup.pretrain.run.export import load_backbone
 
 
 def test_processes_argument():
@@ -89,7 +89,7 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
 
 
 def test_demo_adds_the_properties_protocol_when_its_shards_carry_factors(tmp_path):
-    from selfsup.launch.demo_steps import eval_protocols
+    from selfsup.launch.demo.steps import eval_protocols
     from selfsup.pretrain.data.datasets import shapes
     from selfsup.pretrain.data.shards import ShardOptions, write_shards
 

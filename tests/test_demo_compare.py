@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from selfsup.config import load_config
-from selfsup.launch.demo_compare import CONFIGS, Entry, assign_baselines, demo_methods
+from selfsup.launch.demo.compare import CONFIGS, Entry, assign_baselines, demo_methods
 from selfsup.pretrain.data.datasets import ArraySource, embedded
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
 from selfsup.pretrain.methods import METHODS

@@ -22,7 +22,7 @@ def test_eval_cli_on_a_file_that_is_not_a_checkpoint(tmp_path: Path, small_shard
 
 def test_load_paths_name_what_is_wrong_with_the_file(tmp_path: Path) -> None:
     from selfsup.eval.run import EvalError, load_model
-    from selfsup.pretrain.export import ExportError, read_run
+    from selfsup.pretrain.run.export import ExportError, read_run
 
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")  # a torch file, but not ours

@@ -16,7 +16,7 @@ import torch
 from selfsup.config import load_config, save_config
 from selfsup.data_info import DataInfo
 from selfsup.eval.run import EvalError, EvalOptions, evaluate_features, run_eval
-from selfsup.launch.cli import main as cli
+from selfsup.launch.cli.main import main as cli
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.data.datasets import ArraySource, embedded
 from selfsup.pretrain.data.shards import ShardOptions, write_shards

@@ -23,8 +23,9 @@ from torch import nn
 import selfsup
 from selfsup.config import load_config, save_config
 from selfsup.data_info import DataInfo
-from selfsup.launch.cli import main as cli_main
-from selfsup.pretrain.export import (
+from selfsup.launch.cli.main import main as cli_main
+from selfsup.pretrain.models.backbones import build_backbone
+from selfsup.pretrain.run.export import (
     CARD_FILE,
     CONFIG_FILE,
     ONNX_FILE,
@@ -33,7 +34,6 @@ from selfsup.pretrain.export import (
     export_run,
     load_backbone,
 )
-from selfsup.pretrain.models.backbones import build_backbone
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.286,), std=(0.353,))
 RGB32 = DataInfo(channels=3, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.24, 0.26))

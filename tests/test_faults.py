@@ -37,7 +37,7 @@ from faultruns import (
 )
 from test_train import metrics
 
-from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("SELFSUP_FAULT_SEED", "20261201"))

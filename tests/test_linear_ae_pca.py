@@ -28,7 +28,12 @@ from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.data.datasets import ArraySource
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
-from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint, read_config, read_data_info
+from selfsup.pretrain.run.rundir import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_config,
+    read_data_info,
+)
 
 SIDE = 4  # in-process: images of 1 x 4 x 4 = 16 values
 INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.0,), std=(1.0,))

@@ -9,6 +9,7 @@ import torch
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
+from selfsup.pretrain.loop.optim import split_decay
 from selfsup.pretrain.methods.mae import (
     gather_tokens,
     masked_patch_loss,
@@ -19,7 +20,6 @@ from selfsup.pretrain.methods.mae import (
     unpatchify,
 )
 from selfsup.pretrain.models.vit import build_vit
-from selfsup.pretrain.optim import split_decay
 
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from selfsup.config import ConfigError, load_config
-from selfsup.pretrain.rundir import LATEST, list_checkpoints, load_checkpoint
+from selfsup.pretrain.run.rundir import LATEST, list_checkpoints, load_checkpoint
 
 TOY = str(Path(__file__).with_name("toy_method.py"))
 

@@ -24,8 +24,8 @@ from test_train import metrics, pretrain
 from selfsup.pretrain.data.datasets import ArraySource
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
 from selfsup.pretrain.data.stream import ShardSet, ShardStream
-from selfsup.pretrain.guard import FiniteGuard
-from selfsup.pretrain.rundir import load_checkpoint
+from selfsup.pretrain.loop.guard import FiniteGuard
+from selfsup.pretrain.run.rundir import load_checkpoint
 
 K, N, MICRO = 3, 320, 16
 RUN = ["train.accumulate=2", "data.batch_size=32", "augment.mean=[0.0]", "augment.std=[1e-45]", "train.max_steps=8",

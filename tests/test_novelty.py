@@ -16,7 +16,7 @@ from selfsup.config import load_config, save_config
 from selfsup.data_info import DataInfo
 from selfsup.eval.novelty import novelty_metrics, threshold_at_fpr, validation_split
 from selfsup.eval.run import EvalError, EvalOptions, run_eval
-from selfsup.launch.cli import main as cli
+from selfsup.launch.cli.main import main as cli
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.data.datasets import ArraySource, embedded
 from selfsup.pretrain.data.shards import ShardOptions, write_shards

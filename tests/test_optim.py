@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.pretrain.optim import LARS, OptimConfig, build_optimizer, build_scheduler
+from selfsup.pretrain.loop.optim import LARS, OptimConfig, build_optimizer, build_scheduler
 
 
 def _net() -> nn.Module:

@@ -34,7 +34,7 @@ from selfsup.pretrain.distributed import (
     convert_allreduce_batchnorm,
     get_world_size,
 )
-from selfsup.pretrain.rundir import latest_checkpoint
+from selfsup.pretrain.run.rundir import latest_checkpoint
 
 GLOBAL_N, SIDE = 8, 12
 INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))

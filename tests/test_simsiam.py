@@ -18,10 +18,10 @@ from selfsup.config import load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import AllReduceBatchNorm1d
+from selfsup.pretrain.loop.optim import build_optimizer, build_scheduler
+from selfsup.pretrain.loop.runlog import CollapseWatch
 from selfsup.pretrain.methods.siamese import collapse_std
 from selfsup.pretrain.methods.simsiam import SimSiam, simsiam_loss
-from selfsup.pretrain.optim import build_optimizer, build_scheduler
-from selfsup.pretrain.runlog import CollapseWatch
 
 INFO = DataInfo(channels=1, image_size=12, mean=(0.5,), std=(0.25,))
 SMALL = ["method.name=simsiam", "model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.25",

@@ -25,7 +25,7 @@ from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-LAUNCH = REPO / "launch"
+LAUNCH = REPO / "launch" / "cluster"
 SBATCH = LAUNCH / "pretrain_cpu.sbatch"
 RECIPE = REPO / "configs" / "simclr_demo.yaml"
 STEPS = 40

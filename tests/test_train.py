@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 SMALL = [

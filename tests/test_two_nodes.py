@@ -1,7 +1,7 @@
 """Two "nodes" for real on one machine: two Linux network namespaces joined by a veth pair
 (10.213.0.1/24 and 10.213.0.2/24 exist only inside them; nothing leaves the machine), each running
-one trainer through launch/slurm_node_launch.sh with launch/accelerate_multi_node.yaml and the
-rendezvous variables launch/pretrain_multi_node.sbatch sets (MASTER_ADDR = the first node,
+one trainer through launch/cluster/slurm_node_launch.sh with launch/cluster/accelerate_multi_node.yaml and the
+rendezvous variables launch/cluster/pretrain_multi_node.sbatch sets (MASTER_ADDR = the first node,
 SLURM_NNODES, SLURM_NODEID). Checks: 2 nodes x 1 process train bitwise equal to 1 node x 2
 processes; killing every process of node 1 mid-run makes node 0 exit with an error naming the lost
 rank within train.dist_timeout_s; the requeue (both nodes again, --resume auto as the sbatch script
@@ -27,11 +27,11 @@ import pytest
 from faultkit import ENV, kill_tree, start, wait_step
 from faultruns import ckpts, differences, rows, train_args
 
-from selfsup.pretrain.rundir import load_checkpoint
+from selfsup.pretrain.run.rundir import load_checkpoint
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-LAUNCH = REPO / "launch"
+LAUNCH = REPO / "launch" / "cluster"
 ADDRS = ("10.213.0.1", "10.213.0.2")
 IFACE = "ethss"
 PORT = 29611  # inside fresh namespaces every port is free

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from selfsup.augment.grid import HEADER, grid_size
-from selfsup.launch.cli import main
+from selfsup.launch.cli.main import main
 from selfsup.pretrain.data.datasets import ArraySource, embedded, shapes
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
 from selfsup.pretrain.data.stream import ShardSet, load_arrays

@@ -56,7 +56,7 @@ def _old_run(tmp_path: Path, steps: int) -> str:
 
 def _runlog(tmp_path: Path, *overrides: str, start: int, wandb_id: str):
     from selfsup.config import load_config
-    from selfsup.pretrain.runlog import RunLog
+    from selfsup.pretrain.loop.runlog import RunLog
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "log.wandb=offline", "log.progress=false", *overrides])
     return RunLog(tmp_path, cfg, True, 10, start, wandb_id)

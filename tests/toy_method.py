@@ -48,6 +48,6 @@ class Toy(Method):
 
 
 if __name__ == "__main__":
-    from selfsup.launch.cli import main
+    from selfsup.launch.cli.main import main
 
     sys.exit(main(sys.argv[1:]))

@@ -9,7 +9,7 @@ regularisation an overcomplete code relies on the pooled features and the decode
 
 With ``latent_dim`` 2 or 3 the run writes ``latent_scatter.png``: the codes of the test images
 (``data.test``, else the training images) coloured by class, the notes' visualisation
-(``pretrain/pictures.py``). With ``linear: true`` the encoder and decoder are single linear maps on
+(``pretrain/hooks/pictures.py``). With ``linear: true`` the encoder and decoder are single linear maps on
 the flattened pixels: the linear autoencoder whose optimum spans the principal subspace.
 
 ``sparse_ae.py`` and ``cae.py`` subclass this method and add a penalty through ``penalty``.

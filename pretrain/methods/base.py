@@ -14,7 +14,7 @@ host sync beyond the one the loop needs for its own checks.
 
 A method that logs ``collapse_std`` (``COLLAPSE_LOG``: the per-dimension standard deviation of its
 L2-normalised outputs times sqrt(dim), about 1 when healthy, 0 when every image maps to the same
-output) gets the collapse warning of ``pretrain/runlog.py`` (``log.collapse_threshold``).
+output) gets the collapse warning of ``pretrain/loop/runlog.py`` (``log.collapse_threshold``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Method(nn.Module):
 
     def param_groups_options(self) -> dict[str, dict[str, Any]]:
         """Per-parameter optimiser options: a parameter-name prefix (e.g. ``"predictor."``) ->
-        options for the parameters under it (keys: ``pretrain/optim.py`` ``GROUP_OPTIONS``).
+        options for the parameters under it (keys: ``pretrain/loop/optim.py`` ``GROUP_OPTIONS``).
         ``{"fixed_lr": True}``: the schedule leaves that group at its initial learning rate."""
         return {}
 
@@ -111,7 +111,7 @@ class Method(nn.Module):
     @torch.no_grad()
     def pictures(self, images: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Named picture grids ``[rows, cols, C, H, W]`` (float, [0, 1]) made from a few uint8
-        ``images`` at the end of a run and saved as ``<name>.png`` (``pretrain/pictures.py``);
+        ``images`` at the end of a run and saved as ``<name>.png`` (``pretrain/hooks/pictures.py``);
         e.g. a VAE's samples from the prior. Default: none."""
         return {}
 

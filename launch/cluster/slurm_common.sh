@@ -1,4 +1,4 @@
-# Sourced by launch/*.sbatch: argument checks, rendezvous address and the preemption path, shared
+# Sourced by launch/cluster/*.sbatch: argument checks, rendezvous address and the preemption path, shared
 # so that one node, many nodes and the CPU variant behave the same way.
 #
 # Preemption contract: SLURM sends USR1 to this batch shell <grace> seconds before the time limit
@@ -22,7 +22,7 @@ selfsup_log() {
 selfsup_parse_args() {
     if (($# < 3)); then
         selfsup_die "expected CONFIG SHARDS RUN_DIR [key=value ...], got $# argument(s): $*
-usage: sbatch [options] launch/<script>.sbatch configs/simclr.yaml /shared/shards/train /shared/runs/exp1 train.epochs=100"
+usage: sbatch [options] launch/cluster/<script>.sbatch configs/simclr.yaml /shared/shards/train /shared/runs/exp1 train.epochs=100"
     fi
     local config=$1 shards=$2 run_dir=$3
     shift 3
@@ -101,6 +101,6 @@ selfsup_gpus_per_node() {
     if [[ -z $n ]]; then
         n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') || n=0
     fi
-    [[ $n =~ ^[1-9][0-9]*$ ]] || selfsup_die "no GPUs in this job (SLURM_GPUS_ON_NODE='${SLURM_GPUS_ON_NODE:-}', CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES:-}'): request them with --gpus-per-node, set SELFSUP_NPROC_PER_NODE, or use launch/pretrain_cpu.sbatch"
+    [[ $n =~ ^[1-9][0-9]*$ ]] || selfsup_die "no GPUs in this job (SLURM_GPUS_ON_NODE='${SLURM_GPUS_ON_NODE:-}', CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES:-}'): request them with --gpus-per-node, set SELFSUP_NPROC_PER_NODE, or use launch/cluster/pretrain_cpu.sbatch"
     echo "$n"
 }

@@ -17,8 +17,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from selfsup.pretrain.hooks import HookContext, TrainHook
-from selfsup.pretrain.rundir import RECONSTRUCTIONS_FILE
+from selfsup.pretrain.hooks.base import HookContext, TrainHook
+from selfsup.pretrain.run.rundir import RECONSTRUCTIONS_FILE
 
 ROWS = ("input", "corrupted", "reconstruction")
 MIN_CELL_PX = 96  # enlarge each image to at least this side

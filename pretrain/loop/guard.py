@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfsup.pretrain.rundir import rng_state, set_rng_state
+from selfsup.pretrain.run.rundir import rng_state, set_rng_state
 
 
 class FiniteGuard:

@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfsup.pretrain.export import export_run
-    from selfsup.pretrain.rundir import EXPORT_DIR, RunDirError, resolve
+    from selfsup.pretrain.run.export import export_run
+    from selfsup.pretrain.run.rundir import EXPORT_DIR, RunDirError, resolve
 
     try:  # as selfsup.api.export, printing every file written
         where = resolve(args.run)

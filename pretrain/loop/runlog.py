@@ -10,7 +10,7 @@ by writing the kept rows to a temporary file and renaming it over the old one (a
 resume leaves either the old or the new file, never a mix), and a torn last line left by a kill
 mid-write is dropped too. So the file reads as one uninterrupted run, and after a bitwise-exact
 resume it equals the uninterrupted run's file except for timings. The W&B run id is kept in the
-checkpoint; ``selfsup.pretrain.wandb_resume`` decides how W&B is made to agree (same run after a
+checkpoint; ``selfsup.pretrain.loop.wandb_resume`` decides how W&B is made to agree (same run after a
 clean stop; after a kill a linked new run with the kept history re-logged, or a rewound run).
 
 Representation collapse: when a method logs ``collapse_std`` (``methods/base.py`` ``COLLAPSE_LOG``)
@@ -83,7 +83,7 @@ class RunLog:
             return
         self._truncate_after(start_step, keep_rows)
         if cfg.log.wandb != "off":
-            from selfsup.pretrain.wandb_resume import open_run
+            from selfsup.pretrain.loop.wandb_resume import open_run
 
             os.environ.setdefault("WANDB_SILENT", "true")
             kwargs = {"project": cfg.log.project, "entity": cfg.log.entity, "name": cfg.log.name or run_dir.name,
@@ -154,7 +154,7 @@ class RunLog:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
-            from selfsup.pretrain.wandb_resume import mark_closed
+            from selfsup.pretrain.loop.wandb_resume import mark_closed
 
             mark_closed(self.run_dir, self.wandb.id, self.step)
             self.wandb = None

@@ -1,6 +1,7 @@
 """The ``selfsup`` command: one entry point, one module per subcommand.
 
-Each subcommand lives in ``selfsup.launch.cmd_<name>`` and defines
+Each subcommand lives in its own module (``MODULES``: ``selfsup.launch.cli.<name>``, the demo in
+``selfsup.launch.demo.command``) and defines
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
 subcommand runs, so ``selfsup --help`` stays fast and a broken optional piece cannot break the rest.
 """
@@ -22,6 +23,10 @@ SUBCOMMANDS = {
 }
 
 
+MODULES = {name: f"selfsup.launch.cli.{name}" for name in SUBCOMMANDS}
+MODULES["demo"] = "selfsup.launch.demo.command"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfsup",
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     name = argv[0]
-    module = importlib.import_module(f"selfsup.launch.cmd_{name}")
+    module = importlib.import_module(MODULES[name])
     parser = argparse.ArgumentParser(prog=f"selfsup {name}", description=SUBCOMMANDS[name])
     module.add_arguments(parser)
     # intermixed: options may come before or after key=value overrides

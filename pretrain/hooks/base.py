@@ -1,7 +1,7 @@
 """What the training loop hands to the hooks a command gives it (periodic evaluation, pictures).
 
 The loop does not know what a hook does: ``selfsup pretrain`` passes the periodic kNN evaluation
-(eval/periodic.py) and the reconstruction grid (pretrain/recon.py); a user's script can pass its
+(eval/periodic.py) and the reconstruction grid (pretrain/hooks/recon.py); a user's script can pass its
 own. Hooks run on every rank; a hook that writes files does so where ``ctx.is_main``.
 """
 

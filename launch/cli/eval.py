@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from selfsup.api import shards_for
     from selfsup.eval.query import query
     from selfsup.eval.run import EvalError, EvalOptions, resolve_checkpoint, run_eval
-    from selfsup.pretrain.rundir import EVAL_DIR
+    from selfsup.pretrain.run.rundir import EVAL_DIR
 
     try:
         where = resolve_checkpoint(args.checkpoint)

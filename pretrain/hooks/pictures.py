@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfsup.pretrain.hooks import HookContext, TrainHook
+from selfsup.pretrain.hooks.base import HookContext, TrainHook
+from selfsup.pretrain.hooks.recon import grid_array
 from selfsup.pretrain.methods.base import Method
-from selfsup.pretrain.recon import grid_array
 
 LATENT_SCATTER_FILE = "latent_scatter.png"
 

@@ -33,9 +33,9 @@ from torch import nn
 from selfsup._version import __version__
 from selfsup.config import Config, ConfigError, ModelConfig, from_dict
 from selfsup.data_info import DataInfo
-from selfsup.pretrain import rundir
-from selfsup.pretrain.interop import loading_snippet, param_naming, timm_spec
 from selfsup.pretrain.methods import METHODS, Method
+from selfsup.pretrain.run import rundir
+from selfsup.pretrain.run.interop import loading_snippet, param_naming, timm_spec
 from selfsup.tables import markdown_table
 
 FORMAT = "selfsup-backbone"

@@ -2,7 +2,7 @@
 ``metrics.jsonl`` after a resume.
 
 ``metrics.jsonl`` after a resume from a checkpoint at step ``k`` holds the rows ``step <= k`` and
-then the resumed run's rows (``selfsup.pretrain.runlog``). W&B keeps a run's history on its side
+then the resumed run's rows (``selfsup.pretrain.loop.runlog``). W&B keeps a run's history on its side
 and ignores a re-logged step that is not beyond the last one it has, so continuing the same run
 after a kill would keep the dead process's rows past ``k`` and drop the resumed ones. Worse, the
 dead process's last records may never have reached W&B: wandb 0.31 writes an offline run's

@@ -7,7 +7,7 @@ Accelerate. Each optimiser step consumes ``data.batch_size`` images in total: ev
 loop knows nothing else about it.
 
 The loop calls only the method contract (``pretrain/methods/base.py``) and the hooks the
-command hands in (``pretrain/hooks.py``); it imports nothing from eval.
+command hands in (``pretrain/hooks/base.py``); it imports nothing from eval.
 
 Non-finite values: every micro-batch's loss and the step's gradient norm are checked on the
 device, and the step's single host sync (the cross-rank agreement on "finite?" and "stop?")
@@ -38,11 +38,12 @@ from selfsup.config import Config, ConfigError
 from selfsup.pretrain.build import build_method, data_info
 from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
 from selfsup.pretrain.distributed import convert_allreduce_batchnorm
-from selfsup.pretrain.guard import FiniteGuard
-from selfsup.pretrain.hooks import HookContext, TrainHook
+from selfsup.pretrain.hooks.base import HookContext, TrainHook
+from selfsup.pretrain.loop.guard import FiniteGuard
+from selfsup.pretrain.loop.optim import build_optimizer, build_scheduler
+from selfsup.pretrain.loop.runlog import RunLog
 from selfsup.pretrain.methods import StepContext
-from selfsup.pretrain.optim import build_optimizer, build_scheduler
-from selfsup.pretrain.rundir import (
+from selfsup.pretrain.run.rundir import (
     checkpoint_dir,
     resume_state,
     rng_state,
@@ -50,7 +51,6 @@ from selfsup.pretrain.rundir import (
     set_rng_state,
     write_run_files,
 )
-from selfsup.pretrain.runlog import RunLog
 
 
 class TrainingError(RuntimeError):
@@ -82,7 +82,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
 def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = ()) -> Path:
     """Pretrain per ``cfg``; ``resume`` is None (fresh; refuses a run dir that has checkpoints),
     ``"auto"`` (latest checkpoint if any) or a checkpoint path. ``hooks`` are called after each
-    epoch and at the end (``pretrain/hooks.py``). Returns the run directory."""
+    epoch and at the end (``pretrain/hooks/base.py``). Returns the run directory."""
     stop = StopFlag()  # first: a signal during start-up must not kill the process
     accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process

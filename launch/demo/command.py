@@ -19,7 +19,7 @@ so the learning rate still anneals to zero inside the budget (most of SimCLR's g
 rate falls); ``train.max_steps=...`` or ``train.epochs=...`` overrides skip the measurement.
 
 ``--compare`` (``--methods a,b``) runs every demo recipe through these steps and writes one table;
-that lives in ``launch/demo_compare.py``, this module only dispatches to it.
+that lives in ``launch/demo/compare.py``, this module only dispatches to it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfsup.launch.demo_steps import (
+from selfsup.launch.demo.steps import (
     CLI,
     DEFAULT_CONFIG,
     DemoError,
@@ -176,7 +176,7 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     if args.compare or args.methods is not None:
-        from selfsup.launch.demo_compare import run_compare
+        from selfsup.launch.demo.compare import run_compare
 
         return run_compare(args)
     args.out = args.out or "runs/demo"

@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from selfsup.api import pretrain_config
     from selfsup.pretrain.data.shard_cache import CacheError
     from selfsup.pretrain.data.stream import ShardError
-    from selfsup.pretrain.rundir import RunDirError
-    from selfsup.pretrain.train import TrainingError
+    from selfsup.pretrain.loop.train import TrainingError
+    from selfsup.pretrain.run.rundir import RunDirError
 
     try:
         pretrain_config(cfg, resume=args.resume)
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", flush=True)
         return 1
     except Exception as e:
-        from selfsup.pretrain.peers import diagnose, is_collective_failure
+        from selfsup.pretrain.loop.peers import diagnose, is_collective_failure
 
         if not is_collective_failure(e):
             raise

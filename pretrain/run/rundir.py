@@ -5,7 +5,7 @@
   config.yaml          the resolved config (selfsup.config)
   data_info.json       channels, image size, mean/std the method was built for
   checkpoints/         step-XXXXXXXX.pt (atomic writes) and ``latest`` naming the newest
-  metrics.jsonl        one JSON object per logged step (pretrain/runlog.py)
+  metrics.jsonl        one JSON object per logged step (pretrain/loop/runlog.py)
   wandb/               the W&B run, when log.wandb is not off
   reconstructions.png  autoencoder methods: what went in, what the model saw, what came out
   eval/                `selfsup eval` report, features cache, index, plots
@@ -54,7 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_DIR = "eval"
 EXPORT_DIR = "export"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
-# what marks an export folder (written by pretrain/export.py)
+# what marks an export folder (written by pretrain/run/export.py)
 EXPORT_WEIGHTS = "backbone.safetensors"
 EXPORT_CONFIG = "config.json"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfsup.launch.demo_steps import (
+from selfsup.launch.demo.steps import (
     DEFAULT_CONFIG,
     DemoError,
     Runner,
@@ -255,7 +255,7 @@ def markdown(result: dict) -> str:
 
 
 def write_outputs(result: dict, out: Path) -> dict[str, Path]:
-    from selfsup.launch.compare_plot import plot_comparison
+    from selfsup.launch.demo.compare_plot import plot_comparison
 
     meta = result["meta"]
     budget = (f"{meta['minutes']:g} min of pretraining per method (steps sized by a speed "

@@ -1,0 +1,5 @@
+import sys
+
+from selfsup.launch.cli.main import main
+
+sys.exit(main())
