@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "simclr_ae_demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "simclr_ae_demo.yaml"
 CLI = [sys.executable, "-m", "selfsup.launch.cli"]
 CALIBRATION_STEPS = 12  # the first logged interval includes warm-up; later ones are steady state
 CALIBRATION_LOG_EVERY = 4

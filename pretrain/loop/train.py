@@ -24,37 +24,51 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 
-from selfsup.config import Config, ConfigError
-from selfsup.pretrain.build import build_method, data_info
-from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
-from selfsup.pretrain.distributed import convert_allreduce_batchnorm
+from selfsup.config import Config
 from selfsup.pretrain.hooks.base import HookContext, TrainHook
 from selfsup.pretrain.loop.guard import FiniteGuard
-from selfsup.pretrain.loop.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.loop.runlog import RunLog
-from selfsup.pretrain.methods import StepContext
-from selfsup.pretrain.run.rundir import (
-    checkpoint_dir,
-    resume_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    write_run_files,
+from selfsup.pretrain.loop.setup import (
+    TrainingError,
+    build_data,
+    build_parts,
+    checkpoint_state,
+    restore,
 )
+from selfsup.pretrain.methods import StepContext
+from selfsup.pretrain.run.rundir import checkpoint_dir, rng_state, save_checkpoint, write_run_files
+
+__all__ = ["TrainingError", "train"]
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, incompatible resume, ...); the message says why."""
+def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = ()) -> Path:
+    """Pretrain per ``cfg``; ``resume`` is None (fresh; refuses a run dir that has checkpoints),
+    ``"auto"`` (latest checkpoint if any) or a checkpoint path. ``hooks`` are called after each
+    epoch and at the end (``pretrain/hooks/base.py``). Returns the run directory."""
+    stop = StopFlag()  # first: a signal during start-up must not kill the process
+    run = Trainer(cfg, resume, hooks, stop)
+    while run.pos.step < run.data.total_steps:
+        batches = run.epoch_batches()
+        while (result := run.optimiser_step(batches)) is not None:
+            run.log_step(result)
+            if result.stopping:
+                return run.stop_on_signal()
+            run.periodic_checkpoint()
+            if run.pos.step >= run.data.total_steps:
+                break
+        run.end_epoch()
+    return run.finish()
 
 
 class StopFlag:
@@ -79,225 +93,177 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision, kwargs_handlers=[timeout])
 
 
-def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = ()) -> Path:
-    """Pretrain per ``cfg``; ``resume`` is None (fresh; refuses a run dir that has checkpoints),
-    ``"auto"`` (latest checkpoint if any) or a checkpoint path. ``hooks`` are called after each
-    epoch and at the end (``pretrain/hooks/base.py``). Returns the run directory."""
-    stop = StopFlag()  # first: a signal during start-up must not kill the process
-    accelerator = make_accelerator(cfg)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run_dir = Path(cfg.run_dir)
-    tc = cfg.train
+@dataclass
+class StepResult:
+    """One optimiser step's outcome: the last micro-batch's loss and logs, whether every rank
+    agreed to stop, and the time it ended."""
 
-    # ---- data: every rank reads its own slice; every rank runs the same number of steps
-    micro_div = world * tc.accumulate
-    if cfg.data.batch_size % micro_div:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} must be divisible by processes x train.accumulate "
-            f"= {world} x {tc.accumulate}"
-        )
-    shards = ShardSet.open(cfg.data.train, on_bad_shard=cfg.data.on_bad_shard)
-    if cfg.eval.every_epochs and cfg.data.test and not shards.labelled:
-        raise ConfigError(
-            f"eval.every_epochs={cfg.eval.every_epochs} runs kNN with data.train as the labelled "
-            f"database, but {cfg.data.train} is unlabelled: set eval.every_epochs=0 and evaluate "
-            "afterwards with selfsup eval on labelled shards"
-        )
-    info = data_info(cfg, shards.channels, shards.image_size, shards.mean, shards.std)
-    stream = ShardStream(
-        shards, cfg.data.batch_size // micro_div, rank, world, cfg.data.workers, seed=tc.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
-    )  # fmt: skip
-    loader = ShardLoader(stream, pin_memory=accelerator.device.type == "cuda")
-    steps_per_epoch = len(loader) // tc.accumulate
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is larger than the {shards.num_samples} samples of "
-            f"{cfg.data.train}: not one step per epoch"
-        )
-    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor]
+    stopping: bool
+    ended: float
 
-    # ---- model, optimiser, schedule
-    set_seed(tc.seed)  # same initial weights on every rank
-    model = build_method(cfg, info)  # a ValueError while building is a ConfigError
-    if tc.sync_bn and world > 1:  # torch's SyncBatchNorm needs CUDA; elsewhere our all-reduce twin
-        cuda = accelerator.device.type == "cuda"
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if cuda else convert_allreduce_batchnorm(model)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, model.no_weight_decay(),
-                                model.param_groups_options())  # trainable parameters only
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    method = accelerator.unwrap_model(model)
 
-    # ---- resume or start
-    ckpt_dir = checkpoint_dir(run_dir)
-    step = epoch = batch_in_epoch = 0
-    wandb_id = None
-    found, state = resume_state(ckpt_dir, resume)  # newest that loads; loud fallback if latest is damaged
-    if found is not None:
-        _check_compatible(state, world, cfg)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        wandb_id = state.get("wandb_id")
-        set_rng_state(state["rng"][rank])
-        if "loader" in state:  # corrupt/padded counters (checkpoints before they existed lack it)
-            loader.load_state_dict(state["loader"][rank])
-        accelerator.print(f"resumed from {found} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-    else:
-        set_seed(tc.seed + rank, device_specific=False)  # different augmentations per rank
-    if main:
-        write_run_files(run_dir, cfg, info)
-    log = RunLog(run_dir, cfg, main, total_steps, step, wandb_id, state.get("metrics_rows") if found else None)
-    step_ctx = StepContext(forward=model, backward=accelerator.backward,
-                           no_sync=lambda: accelerator.no_sync(model))  # fmt: skip
+class Trainer:
+    """The loop's state and its named steps; ``train()`` above is the order they run in."""
 
-    def hook_context() -> HookContext:
-        return HookContext(method, step, epoch, total_steps, accelerator.device, main, run_dir, log)
+    def __init__(self, cfg: Config, resume: str | None, hooks: Sequence[TrainHook], stop: StopFlag):
+        self.cfg, self.tc, self.hooks, self.stop = cfg, cfg.train, hooks, stop
+        self.accelerator = acc = make_accelerator(cfg)
+        self.world, self.main = acc.num_processes, acc.is_main_process
+        self.run_dir = Path(cfg.run_dir)
+        self.data = build_data(cfg, acc)
+        self.parts = build_parts(cfg, acc, self.data)
+        self.method, self.model = self.parts.method, self.parts.model
+        self.ckpt_dir = checkpoint_dir(self.run_dir)
+        self.pos, state = restore(cfg, acc, self.parts, self.data, self.ckpt_dir, resume)
+        if self.main:
+            write_run_files(self.run_dir, cfg, self.data.info)
+        self.log = RunLog(self.run_dir, cfg, self.main, self.data.total_steps, self.pos.step,
+                          state.get("wandb_id") if state else None, state.get("metrics_rows") if state else None)
+        self.step_ctx = StepContext(forward=self.model, backward=acc.backward,
+                                    no_sync=lambda: acc.no_sync(self.model))  # fmt: skip
+        self.guard = FiniteGuard(acc.device, check_grads=acc.scaler is None)  # fp16: the scaler's job
+        self.max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
+        self.nan_skips, self.grad_norm = 0, float("nan")
+        self.t_last, self.wait, self.busy, self.images_seen = time.perf_counter(), 0.0, 0.0, 0
+        self.model.train()
 
-    def checkpoint(reason: str) -> Path | None:
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        loaders = gather_object([loader.state_dict()]) if world > 1 else [loader.state_dict()]
+    # ---- the data of one epoch, from where the run stands in it
+    def epoch_batches(self) -> Iterator[dict]:
+        acc = self.tc.accumulate
+        self.data.loader.set_epoch(self.pos.epoch, self.pos.batch_in_epoch * acc)
+        remaining = (self.data.steps_per_epoch - self.pos.batch_in_epoch) * acc  # whole steps only
+        return islice(self.data.loader, remaining)
+
+    # ---- one optimiser step: train.accumulate micro-batches, then the update every rank agrees on
+    def optimiser_step(self, batches: Iterator[dict]) -> StepResult | None:
+        """None when the epoch has no whole step left."""
+        acc, device = self.accelerator, self.accelerator.device
+        for micro in range(1, self.tc.accumulate + 1):
+            t_fetch = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            images = batch["images"].to(device, non_blocking=True)
+            t_got = time.perf_counter()
+            self.wait += t_got - t_fetch
+            if micro == 1:  # what the step changes besides the weights, to undo a non-finite step
+                self.guard.begin(self.method, self.data.loader)
+            with nullcontext() if micro == self.tc.accumulate else acc.no_sync(self.model):
+                if self.method.owns_backward:
+                    loss, logs = self.method.train_step(images, self.step_ctx)
+                else:
+                    loss, logs = self.model(images)
+                    acc.backward(loss / self.tc.accumulate)
+            self.guard.loss(loss)  # every micro-batch; a device flag, no sync
+            self.images_seen += images.shape[0] * self.world
+        # every rank agrees on: all losses and the gradient norm finite everywhere, a stop signal anywhere
+        norm = acc.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        finite, stopping = self.guard.agree(norm, self.stop.signal is not None, self.world, acc.reduce)
+        self.update(finite, norm)
+        now = time.perf_counter()
+        self.busy += now - t_got
+        self.log.advance()
+        return StepResult(loss, logs, stopping, now)
+
+    def update(self, finite: bool, norm: torch.Tensor) -> None:
+        """The optimiser step when every loss and the gradient norm were finite; otherwise undo the
+        step's side effects and stop or skip per ``train.nan_policy``. The schedule always moves."""
+        tc, parts, pos = self.tc, self.parts, self.pos
+        if not finite:
+            self.guard.undo(self.method, self.data.loader, everything=tc.nan_policy == "stop")
+        if finite:
+            self.grad_norm = float(norm)
+            parts.optimizer.step()
+        elif tc.nan_policy == "stop":
+            parts.optimizer.zero_grad(set_to_none=True)
+            path = self.checkpoint("non-finite loss")
+            raise TrainingError(
+                f"non-finite loss at step {pos.step} (epoch {pos.epoch}, batch {pos.batch_in_epoch}) on at least "
+                f"one rank (a micro-batch's loss or the gradient norm); stopped before updating. Checkpoint of "
+                f"the state before this step: {path or self.ckpt_dir}. "
+                f"Lower optim.base_lr, set train.grad_clip, or use train.nan_policy=skip."
+            )
+        else:
+            self.nan_skips += 1
+            self.grad_norm = float("nan")
+            if self.nan_skips > tc.max_nan_skips:
+                raise TrainingError(f"{self.nan_skips} steps with non-finite loss (> train.max_nan_skips)")
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scheduler.step()
+        pos.step += 1
+        pos.batch_in_epoch += 1
+        if finite:
+            self.method.after_step(pos.step, self.data.total_steps)
+
+    # ---- logging: every train.log_every steps, the method's numbers averaged over processes
+    def log_step(self, r: StepResult) -> None:
+        step = self.pos.step
+        if step % self.tc.log_every and step != self.data.total_steps:
+            return
+        names = sorted({**r.logs, "loss": None})
+        values = torch.stack([
+            torch.as_tensor(r.loss if k == "loss" else r.logs[k], device=self.accelerator.device)
+            .detach().float().reshape(()) for k in names
+        ])  # fmt: skip
+        if self.world > 1:
+            values = self.accelerator.reduce(values, "mean")
+        row = dict(zip(names, values.cpu().tolist(), strict=True))
+        row.update(
+            lr=self.parts.scheduler.get_last_lr()[0], epoch=self.pos.epoch,
+            img_per_s=self.images_seen / max(r.ended - self.t_last, 1e-9),
+            data_wait=self.wait / max(self.wait + self.busy, 1e-9),
+            grad_norm=self.grad_norm, **self.data.loader.counters(), nan_skips=self.nan_skips,
+        )  # fmt: skip
+        self.log.log(step, row)
+        self.t_last, self.wait, self.busy, self.images_seen = r.ended, 0.0, 0.0, 0
+
+    # ---- checkpoints: every rank's RNG and loader states, written by rank 0
+    def checkpoint(self, reason: str) -> Path | None:
+        loader = self.data.loader
+        rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        loaders = gather_object([loader.state_dict()]) if self.world > 1 else [loader.state_dict()]
         path = None
-        if main:
-            state = {
-                "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "world_size": world, "workers": cfg.data.workers,
-                "global_batch": cfg.data.batch_size, "accumulate": tc.accumulate,
-                "rng": rngs, "loader": loaders, "wandb_id": log.wandb_id, "reason": reason, "metrics_rows": log.rows,
-            }  # fmt: skip
-            path = save_checkpoint(ckpt_dir, step, state, keep=tc.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        if self.main:
+            state = checkpoint_state(self.cfg, self.accelerator, self.parts, self.pos, rngs, loaders,
+                                     wandb_id=self.log.wandb_id, reason=reason, metrics_rows=self.log.rows)
+            path = save_checkpoint(self.ckpt_dir, self.pos.step, state, keep=self.tc.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
         return path
 
-    # ---- the loop
-    nan_skips = 0
-    guard = FiniteGuard(accelerator.device, check_grads=accelerator.scaler is None)  # fp16: the scaler's job
-    model.train()
-    t_last = time.perf_counter()
-    wait = busy = 0.0
-    images_seen = 0
-    max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = float("nan")
-    while step < total_steps:
-        loader.set_epoch(epoch, batch_in_epoch * tc.accumulate)
-        remaining = (steps_per_epoch - batch_in_epoch) * tc.accumulate  # whole steps only
-        micro = 0
-        t_fetch = time.perf_counter()
-        for batch in islice(loader, remaining):
-            images = batch["images"].to(accelerator.device, non_blocking=True)
-            t_got = time.perf_counter()
-            wait += t_got - t_fetch
-            micro += 1
-            last_micro = micro == tc.accumulate
-            if micro == 1:  # what the step changes besides the weights, to undo a non-finite step
-                guard.begin(method, loader)
-            if method.owns_backward:
-                with nullcontext() if last_micro else accelerator.no_sync(model):
-                    loss, logs = method.train_step(images, step_ctx)
-            else:
-                with nullcontext() if last_micro else accelerator.no_sync(model):
-                    loss, logs = model(images)
-                    accelerator.backward(loss / tc.accumulate)
-            guard.loss(loss)  # every micro-batch; a device flag, no sync
-            images_seen += images.shape[0] * world
-            if not last_micro:
-                t_fetch = time.perf_counter()
-                continue
-            micro = 0
+    def periodic_checkpoint(self) -> None:
+        every, step = self.tc.checkpoint_every, self.pos.step
+        if every and step % every == 0 and step < self.data.total_steps:
+            self.checkpoint("periodic")
 
-            # every rank agrees on: all losses and the gradient norm finite everywhere, a stop signal anywhere
-            norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            finite, stopping = guard.agree(norm, stop.signal is not None, world, accelerator.reduce)
-            if not finite:
-                guard.undo(method, loader, everything=tc.nan_policy == "stop")
-            if finite:
-                grad_norm = float(norm)
-                optimizer.step()
-            elif tc.nan_policy == "stop":
-                optimizer.zero_grad(set_to_none=True)
-                path = checkpoint("non-finite loss")
-                raise TrainingError(
-                    f"non-finite loss at step {step} (epoch {epoch}, batch {batch_in_epoch}) on at least one "
-                    f"rank (a micro-batch's loss or the gradient norm); stopped before updating. Checkpoint of "
-                    f"the state before this step: {path or ckpt_dir}. "
-                    f"Lower optim.base_lr, set train.grad_clip, or use train.nan_policy=skip."
-                )
-            else:
-                nan_skips += 1
-                grad_norm = float("nan")
-                if nan_skips > tc.max_nan_skips:
-                    raise TrainingError(f"{nan_skips} steps with non-finite loss (> train.max_nan_skips)")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            batch_in_epoch += 1
-            if finite:
-                method.after_step(step, total_steps)
-            now = time.perf_counter()
-            busy += now - t_got
-            log.advance()
+    def stop_on_signal(self) -> Path:
+        path = self.checkpoint(f"signal {self.stop.signal or 'on another rank'}")
+        self.accelerator.print(f"stopping on signal at step {self.pos.step}; checkpoint {path or self.ckpt_dir}")
+        self.log.close()
+        return self.run_dir
 
-            if step % tc.log_every == 0 or step == total_steps:
-                # the method's numbers are per process: average them over all processes
-                names = sorted({**logs, "loss": None})
-                values = torch.stack([
-                    torch.as_tensor(loss if k == "loss" else logs[k], device=accelerator.device)
-                    .detach().float().reshape(()) for k in names
-                ])  # fmt: skip
-                if world > 1:
-                    values = accelerator.reduce(values, "mean")
-                row = dict(zip(names, values.cpu().tolist(), strict=True))
-                row.update(
-                    lr=scheduler.get_last_lr()[0], epoch=epoch,
-                    img_per_s=images_seen / max(now - t_last, 1e-9), data_wait=wait / max(wait + busy, 1e-9),
-                    grad_norm=grad_norm, **loader.counters(), nan_skips=nan_skips,
-                )  # fmt: skip
-                log.log(step, row)
-                t_last, wait, busy, images_seen = now, 0.0, 0.0, 0
+    # ---- epoch end and run end: the hooks (pictures, periodic eval), the last checkpoint
+    def hook_context(self) -> HookContext:
+        return HookContext(self.method, self.pos.step, self.pos.epoch, self.data.total_steps,
+                           self.accelerator.device, self.main, self.run_dir, self.log)  # fmt: skip
 
-            if stopping:
-                path = checkpoint(f"signal {stop.signal or 'on another rank'}")
-                accelerator.print(f"stopping on signal at step {step}; checkpoint {path or ckpt_dir}")
-                log.close()
-                return run_dir
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < total_steps:
-                checkpoint("periodic")
-            if step >= total_steps:
-                break
-            t_fetch = time.perf_counter()
-        if batch_in_epoch == steps_per_epoch:
-            epoch += 1
-            batch_in_epoch = 0
-            for hook in hooks:
-                hook.on_epoch_end(hook_context())
-            if hooks:
-                accelerator.wait_for_everyone()
+    def end_epoch(self) -> None:
+        if self.pos.batch_in_epoch != self.data.steps_per_epoch:
+            return  # the run ended inside the epoch (train.max_steps)
+        self.pos.epoch += 1
+        self.pos.batch_in_epoch = 0
+        for hook in self.hooks:
+            hook.on_epoch_end(self.hook_context())
+        if self.hooks:
+            self.accelerator.wait_for_everyone()
 
-    path = checkpoint("end")
-    for hook in hooks:
-        hook.on_end(hook_context())
-    accelerator.print(f"done: {step} steps; checkpoint {path or ckpt_dir}")
-    log.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return run_dir
-
-
-def _check_compatible(state: dict, world: int, cfg: Config) -> None:
-    """The data position only means the same thing with the same world size, workers and batch."""
-    want = {"world_size": world, "workers": cfg.data.workers, "global_batch": cfg.data.batch_size,
-            "accumulate": cfg.train.accumulate}  # fmt: skip
-    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
-    if diff:
-        desc = ", ".join(f"{k}: checkpoint {a}, now {b}" for k, (a, b) in diff.items())
-        raise TrainingError(f"cannot resume exactly with a different setup ({desc})")
+    def finish(self) -> Path:
+        path = self.checkpoint("end")
+        for hook in self.hooks:
+            hook.on_end(self.hook_context())
+        self.accelerator.print(f"done: {self.pos.step} steps; checkpoint {path or self.ckpt_dir}")
+        self.log.close()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return self.run_dir
