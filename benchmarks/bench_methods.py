@@ -1,4 +1,4 @@
-"""Training-step speed of SimCLR, BYOL and SimSiam side by side: same batch, same backbone, one run.
+"""Training-step speed of SimCLR, BYOL, SimSiam and MoCo v3 side by side: same batch, same backbone, one run.
 
 Each method is built from its demo recipe (``configs/<method>_demo.yaml``: small ResNet, 28x28
 Fashion-MNIST images, CPU-sized heads) and timed on the same uint8 batch of the embedded data, in
@@ -34,7 +34,7 @@ from selfsup.pretrain.data.datasets import embedded
 from selfsup.pretrain.loop.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("simclr", "byol", "simsiam")
+METHODS = ("simclr", "byol", "simsiam", "mocov3")
 
 
 def build(name: str, batch: int, info: DataInfo, overrides: list[str]):

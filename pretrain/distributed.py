@@ -106,9 +106,11 @@ class AllReduceBatchNorm2d(_AllReduceBatchNorm, nn.BatchNorm2d):
 
 
 def convert_allreduce_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm1d/2d in ``module`` by its all-reduce twin (weights, buffers and
-    keys kept): batch norm over the global batch on any device and backend (gloo on CPU too),
-    where torch's SyncBatchNorm needs CUDA. Returns ``module`` (changed in place below it)."""
+    """Replace every BatchNorm1d/2d in ``module`` by its all-reduce twin (weights, buffers, keys
+    and ``requires_grad`` kept, so a momentum/EMA network's BN stays frozen, as torch's
+    ``convert_sync_batchnorm`` keeps it): batch norm over the global batch on any device and
+    backend (gloo on CPU too), where torch's SyncBatchNorm needs CUDA. Returns ``module``
+    (changed in place below it)."""
     twins = {nn.BatchNorm1d: AllReduceBatchNorm1d, nn.BatchNorm2d: AllReduceBatchNorm2d}
     for name, child in module.named_children():
         twin = twins.get(type(child))
@@ -120,6 +122,8 @@ def convert_allreduce_batchnorm(module: nn.Module) -> nn.Module:
         if like is not None:
             new.to(device=like.device, dtype=like.dtype)
         new.load_state_dict(child.state_dict())
+        for pname, p in child.named_parameters(recurse=False):  # frozen stays frozen (an EMA target's BN)
+            getattr(new, pname).requires_grad_(p.requires_grad)
         new.train(child.training)
         setattr(module, name, new)
     return module

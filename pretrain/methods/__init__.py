@@ -13,6 +13,7 @@ from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     cae,
     dae,
     mae,
+    mocov3,
     simclr,
     simclr_ae,
     simsiam,
