@@ -1,4 +1,4 @@
-"""Training-step speed of SimCLR, BYOL, SimSiam and MoCo v3 side by side: same batch, same backbone, one run.
+"""Training-step speed of SimCLR, BYOL, SimSiam, MoCo v3, VICReg and Barlow Twins: same batch, same backbone.
 
 Each method is built from its demo recipe (``configs/<method>_demo.yaml``: small ResNet, 28x28
 Fashion-MNIST images, CPU-sized heads) and timed on the same uint8 batch of the embedded data, in
@@ -34,7 +34,7 @@ from selfsup.pretrain.data.datasets import embedded
 from selfsup.pretrain.loop.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("simclr", "byol", "simsiam", "mocov3")
+METHODS = ("simclr", "byol", "simsiam", "mocov3", "vicreg", "barlow_twins")
 
 
 def build(name: str, batch: int, info: DataInfo, overrides: list[str]):
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds[m].append(time_steps(model, opt, bf16, images, args.steps, args.warmup + r * args.steps))
     print(f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, overrides {args.overrides or 'none'}")  # fmt: skip
-    print(f"{'method':8s} {'params':>9s} {'img/s':>8s} {'ms/step':>8s} {'vs simclr':>9s}")
+    print(f"{'method':12s} {'params':>9s} {'img/s':>8s} {'ms/step':>8s} {'vs simclr':>9s}")
     base = None
     for m, (model, _, _) in built.items():
         s = statistics.median(seconds[m]) / args.steps
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         base = base or (ips if m == "simclr" else None)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ratio = f"{ips / base:.2f}x" if base else "-"
-        print(f"{m:8s} {n:9d} {ips:8.0f} {1000 * s:8.0f} {ratio:>9s}")
+        print(f"{m:12s} {n:9d} {ips:8.0f} {1000 * s:8.0f} {ratio:>9s}")
 
 
 if __name__ == "__main__":

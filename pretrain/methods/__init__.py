@@ -8,6 +8,7 @@ treat it like every other method.
 
 from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     ae,
+    barlow_twins,
     beta_vae,
     byol,
     cae,
@@ -19,6 +20,7 @@ from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     simsiam,
     sparse_ae,
     vae,
+    vicreg,
 )
 from selfsup.pretrain.methods.base import Method, StepContext
 from selfsup.pretrain.methods.registry import METHODS, MethodEntry, method_entry, register_method
