@@ -12,6 +12,7 @@ from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     byol,
     cae,
     dae,
+    dino,
     mae,
     simclr,
     simclr_ae,
