@@ -13,6 +13,7 @@ from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     byol,
     cae,
     dae,
+    dino,
     mae,
     mocov3,
     simclr,
