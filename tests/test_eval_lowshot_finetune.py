@@ -114,23 +114,38 @@ def test_finetune_moves_a_copy_and_linear_leaves_weights_untouched(embedded_shar
     assert not any(not torch.equal(v, tuned2[k]) for k, v in ref.items() if k in params)
 
 
-def test_latent_on_method_without_hook_fails_first(tmp_path) -> None:
-    import shutil
-    from pathlib import Path
+def _run(tmp_path, shards: str, method: str) -> str:
+    from selfsup.api import pretrain
 
-    from selfsup.eval.representation import check_representation, methods_with_latent
+    ov = [f"data.train={shards}", f"run_dir={tmp_path / method}", "model.backbone=resnet_small",
+          "model.stem=cifar_s2", "model.width=0.25", "data.batch_size=64", "data.workers=1",
+          "train.max_steps=3", "log.progress=false", "log.wandb=off", f"method.name={method}"]
+    if method == "vae":
+        ov += ["augment.recipe=none", "method.vae.latent_dim=6"]
+    return str(pretrain(overrides=ov))
+
+
+def test_latent_representation_vae_and_error_without_hook(tmp_path, small_shards,
+                                                          embedded_shards) -> None:
+    from selfsup.eval.representation import methods_with_latent
     from selfsup.eval.run import EvalError, EvalOptions, run_eval
-    from selfsup.pretrain.rundir import resolve
 
     assert {"ae", "vae", "beta_vae"} <= set(methods_with_latent())
     assert "simclr" not in methods_with_latent()
-    run = Path("/tmp/evalx/run_simclr_30")
-    if not run.is_dir():
-        pytest.skip("needs the scratch simclr run")
-    with pytest.raises(EvalError, match="method 'simclr' has no latent hook"):
-        check_representation(resolve(run), "latent")
+    vae = _run(tmp_path, small_shards, "vae")
+    kw = {"protocols": ("linear", "knn"), "knn_k": (20,), "baselines": ("random_init",)}
+    lat = run_eval(vae, small_shards, embedded_shards["test"], tmp_path / "lat",
+                   EvalOptions(representation="latent", **kw))
+    back = run_eval(vae, small_shards, embedded_shards["test"], tmp_path / "back",
+                    EvalOptions(**kw))
+    assert lat["models"]["pretrained"]["feature_dim"] == 6  # the code, not the backbone
+    assert lat["models"]["random_init"]["feature_dim"] == 6
+    assert back["models"]["pretrained"]["feature_dim"] > 6
+    assert lat["meta"]["representation"].startswith("latent: vae")
+    assert back["meta"]["representation"].startswith("backbone")
+    assert "Representation:** latent" in (tmp_path / "lat" / "report.md").read_text()
+    simclr = _run(tmp_path, small_shards, "simclr")
     # before any work: the shard paths do not exist, yet the error is the representation's
     with pytest.raises(EvalError, match="method 'simclr' has no latent hook"):
-        run_eval(run, tmp_path / "nope", tmp_path / "nope", tmp_path / "out",
+        run_eval(simclr, tmp_path / "nope", tmp_path / "nope", tmp_path / "out",
                  EvalOptions(representation="latent"))
-    del shutil
