@@ -219,9 +219,10 @@ def infonce_from_run(run_dir: Path | None, last: int = 5) -> dict[str, float] | 
 
 def run_properties(feats: dict, factor_data: FactorData, backbones: dict, test_images: torch.Tensor,
                    info: Any, out: Path, seed: int, device: str | None, run_dir: Path | None,
-                   raw_pixel_dims: int) -> dict:
+                   raw_pixel_dims: int, feature_fns: dict | None = None) -> dict:
     """The protocol for ``eval.run``: every feature set ``{name: (train, test)}`` (``raw_pixels``
-    and backbones by name), the InfoNCE bound of ``run_dir``, the heat map and the notes.
+    and backbones by name; ``feature_fns`` replace a backbone's for invariance, e.g. a latent
+    code), the InfoNCE bound of ``run_dir``, the heat map and the notes.
     Returns ``{"summary": {name: metrics}, "models": {name: details}, "figure", "notes"}``."""
     from selfsup.eval.disentanglement import GBT_LEARNING_RATE
     from selfsup.eval.invariance import backbone_fn, raw_pixel_fn
@@ -232,7 +233,8 @@ def run_properties(feats: dict, factor_data: FactorData, backbones: dict, test_i
     for name, (ftr, fte) in feats.items():
         net = backbones.get(name)
         fn = raw_pixel_fn(raw_pixel_dims) if name == "raw_pixels" else (
-            backbone_fn(net, info.image_size, device) if net is not None else None)
+            (feature_fns or {}).get(name)
+            or (backbone_fn(net, info.image_size, device) if net is not None else None))
         summaries[name], details[name] = evaluate_properties(
             ftr, fte, factor_data, popts, fn, test_images, info.mean, info.std)
     nce = infonce_from_run(run_dir)

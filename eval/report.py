@@ -19,14 +19,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     for label, key in (
         ("Checkpoint", "checkpoint"), ("Train shards", "train_shards"),
         ("Test shards", "test_shards"), ("Train / test images", "sizes"),
-        ("Classes", "classes"), ("Protocols", "protocols"),
+        ("Classes", "classes"), ("Protocols", "protocols"), ("Representation", "representation"),
     ):
         if key in meta:
             value = meta[key]
             if isinstance(value, list):
                 value = ", ".join(map(str, value))
             parts.append(f"- **{label}:** {value}")
-    parts += ["", markdown_table(report["models"]), ""]
+    parts += ["", markdown_table(display_models(report["models"])), ""]
     if report.get("properties"):
         from selfsup.eval.properties_report import render_properties
 
@@ -53,6 +53,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         t = ", ".join(f"{k} {v:.1f}s" for k, v in meta["timings_s"].items())
         parts += [f"Timings: {t}", ""]
     return "\n".join(parts)
+
+
+def display_models(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The table's cells: a metric with a ``<key>_sd`` companion shows as ``mean ± sd`` (one row),
+    low-shot keys get readable names."""
+    from selfsup.eval.lowshot import display_name
+
+    out: dict[str, dict[str, Any]] = {}
+    for model, metrics in models.items():
+        row: dict[str, Any] = {}
+        for k, v in metrics.items():
+            if k.endswith("_sd") and k[:-3] in metrics:
+                continue
+            sd = metrics.get(f"{k}_sd")
+            cell = v if sd is None else f"{fmt_value(v)} ± {fmt_value(sd)}"
+            row[display_name(k, metric_name) or k] = cell
+        out[model] = row
+    return out
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

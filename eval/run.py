@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,20 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.augment.views import normalize
-from selfsup.config import ModelConfig
-from selfsup.data_info import DataInfo
 from selfsup.eval.anomaly import knn_anomaly_auroc, per_class_auroc, reconstruction_scores
 from selfsup.eval.features import cached_features, extract_features, weights_hash
+from selfsup.eval.finetune import FinetuneOptions
+from selfsup.eval.inputs import (  # noqa: F401  (re-exported: eval.run is the entry point)
+    EvalError,
+    LabelledSet,
+    check_compatible,
+    load_labelled,
+    load_method,
+    load_model,
+    model_config,
+    random_init_like,
+    resolve_checkpoint,
+)
 from selfsup.eval.knn import (
     approximate_recall,
     build_index,
@@ -31,24 +41,19 @@ from selfsup.eval.knn import (
     save_index,
 )
 from selfsup.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
+from selfsup.eval.lowshot import DEFAULT_FRACTIONS, DEFAULT_RUNS, lowshot
 from selfsup.eval.novelty import DEFAULT_FPR, excluded_classes, novelty_report
 from selfsup.eval.plots import plot_embeddings, project_2d, subsample
 from selfsup.eval.report import write_report
+from selfsup.eval.representation import REPRESENTATIONS, check_representation, describe
 from selfsup.eval.wandb_log import log_to_training_run
-from selfsup.pretrain.methods import Method, method_entry
-from selfsup.pretrain.models.backbones import build_backbone
-from selfsup.pretrain.models.base import Backbone
 from selfsup.pretrain.run import rundir
-from selfsup.pretrain.run.rundir import Resolved
 
 DEFAULT_PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
-PROTOCOLS = (*DEFAULT_PROTOCOLS, "properties")  # properties needs shards with factors
+# not in the default set: properties needs shards with factors; lowshot and finetune cost more
+PROTOCOLS = (*DEFAULT_PROTOCOLS, "properties", "lowshot", "finetune")
 BASELINES = ("raw_pixels", "random_init")
 RAW_PIXEL_DIMS = 4096
-
-
-class EvalError(ValueError):
-    """The evaluation cannot run on this input; the message names the bad file, shard set or value."""
 
 
 @dataclass
@@ -71,6 +76,10 @@ class EvalOptions:
     cache: bool = True  # cache features under <out>/features keyed by weights + images hash
     resize: bool = False  # allow shard images whose size differs from the backbone's input size
     extra_notes: list[str] = field(default_factory=list)
+    representation: str = "backbone"  # backbone | latent (the method's own code: Method.latent)
+    lowshot_fractions: Sequence[float] = DEFAULT_FRACTIONS
+    lowshot_runs: int = DEFAULT_RUNS
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
 
     def check(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
@@ -81,6 +90,16 @@ class EvalOptions:
             raise EvalError(f"unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
         if not 0.0 < self.novelty_fpr < 1.0:
             raise EvalError(f"--fpr: a false-positive rate in (0, 1), got {self.novelty_fpr}")
+        if self.representation not in REPRESENTATIONS:
+            raise EvalError(f"--representation: '{self.representation}' is not one of "
+                            f"{', '.join(REPRESENTATIONS)}")
+        if self.lowshot_runs < 1 or not all(0 < f <= 1 for f in self.lowshot_fractions):
+            raise EvalError(f"--lowshot-fractions in (0, 1] and --lowshot-runs >= 1, got "
+                            f"{list(self.lowshot_fractions)} and {self.lowshot_runs}")
+        try:
+            self.finetune.check()
+        except ValueError as e:
+            raise EvalError(str(e)) from e
 
 
 def evaluate_features(
@@ -121,6 +140,12 @@ def evaluate_features(
                                 opts.anomaly_classes, k=opts.anomaly_k)
         metrics["anomaly_knn_auroc"] = float(np.mean(list(per.values())))
         extras["anomaly_knn"] = per
+    if "lowshot" in opts.protocols:
+        summary, extras["lowshot"] = lowshot(
+            train_feats, train_labels, test_feats, test_labels, opts.lowshot_fractions,
+            opts.lowshot_runs, opts.seed, (min(opts.knn_k),), opts.temperature,
+            opts.probe_weight_decays, num_classes, opts.device)
+        metrics.update(summary)
     return metrics, extras
 
 
@@ -140,108 +165,6 @@ def raw_pixel_features(images_uint8: torch.Tensor, mean: Sequence[float], std: S
 
 
 # ---------------------------------------------------------------- inputs: checkpoint and shards
-
-
-def resolve_checkpoint(path: str | Path) -> Resolved:
-    """What the user's path is (run dir, checkpoint in one, export folder), or an EvalError."""
-    try:
-        return rundir.resolve(path)
-    except rundir.RunDirError as e:
-        raise EvalError(str(e)) from e
-
-
-def load_model(where: Resolved | str | Path) -> Backbone:
-    """``load_backbone`` with its errors turned into EvalError naming the checkpoint."""
-    from selfsup.pretrain.run.export import load_backbone
-
-    if not isinstance(where, Resolved):
-        where = resolve_checkpoint(where)
-    try:
-        return load_backbone(where.path)
-    except rundir.RunDirError as e:
-        raise EvalError(f"cannot load checkpoint {where.path}: {e}") from e
-
-
-def model_config(where: Resolved) -> ModelConfig:
-    """The ``ModelConfig`` of a run directory or export folder (to rebuild it at random init)."""
-    from selfsup.pretrain.run.export import read_export_config
-
-    if where.run_dir is not None:
-        return rundir.read_config(where.run_dir).model
-    return read_export_config(where.path)[0]
-
-
-def random_init_like(where: Resolved, info: DataInfo, seed: int) -> Backbone:
-    """The checkpoint's architecture freshly built by ``build_backbone`` with ``seed``."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        net = build_backbone(model_config(where), info.channels, info.image_size)
-    finally:
-        torch.random.set_rng_state(state)
-    net.data_info = info
-    return net.eval()
-
-
-def load_method(where: Resolved) -> Method | None:
-    """The full method of a run (for reconstruction scores) if it reconstructs, else None
-    (export folders hold the backbone only)."""
-    from selfsup.pretrain.build import build_method
-
-    if where.run_dir is None:
-        return None
-    cfg = rundir.read_config(where.run_dir)
-    if not method_entry(cfg.method.name).cls.reconstructs:
-        return None
-    method = build_method(cfg, rundir.read_data_info(where.run_dir))
-    method.load_state_dict(rundir.load_checkpoint(where.checkpoint)["model"])
-    return method.eval()
-
-
-@dataclass
-class LabelledSet:
-    path: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str]
-    classes: list[str]
-    image_size: int
-
-
-def load_labelled(path: str | Path, what: str) -> LabelledSet:
-    """A shard set in memory, with labels required (every protocol here is class-based)."""
-    from selfsup.pretrain.data.stream import ShardError, ShardSet, load_arrays
-
-    try:
-        ss = ShardSet.open(path)
-        size = ss.image_size
-        images, labels, keys = load_arrays(ss)
-    except ShardError as e:
-        raise EvalError(f"{what} shards: {e}") from e
-    if not ss.classes or int(labels.min()) < 0:
-        raise EvalError(
-            f"{what} shards at {path} have no labels (the manifest lists no classes or samples are "
-            "unlabelled); linear probe, kNN, retrieval and anomaly protocols need a labelled set: "
-            "write one from class folders (selfsup shards --source folder --labels folders) or a "
-            "list file with labels (--source list)"
-        )
-    return LabelledSet(str(path), images, labels, keys, ss.classes, size)
-
-
-def check_compatible(data: LabelledSet, info: Any, what: str, resize: bool) -> None:
-    c = data.images.shape[1]
-    if c != info.channels:
-        raise EvalError(
-            f"channel mismatch: {what} shards at {data.path} have {c} channel(s), the backbone "
-            f"was trained on {info.channels}"
-        )
-    if data.image_size != info.image_size and not resize:
-        raise EvalError(
-            f"size mismatch: {what} shards at {data.path} are {data.image_size}px, the backbone "
-            f"expects {info.image_size}px (pass --resize to resize them for evaluation)"
-        )
-
-
 # ---------------------------------------------------------------- the whole evaluation
 
 
@@ -256,6 +179,7 @@ def run_eval(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     where = resolve_checkpoint(checkpoint)
+    latent_of = check_representation(where, opts.representation)  # before any work
     ckpt = where.checkpoint or where.path
     backbone = load_model(where)
     if opts.device:
@@ -286,28 +210,43 @@ def run_eval(
     kw = {"mean": info.mean, "std": info.std, "batch_size": opts.batch_size,
           "device": opts.device, "image_size": info.image_size}
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    feature_fns: dict = {}
     t = time.perf_counter()
-    feats["pretrained"] = (cached_features(cache, backbone, train.images, **kw),
-                           cached_features(cache, backbone, test.images, **kw))
+    rand = (random_init_like(where, info, opts.seed).to(opts.device or "cpu")
+            if "random_init" in opts.baselines else None)
+    if latent_of is not None:
+        from selfsup.eval.representation import latent_columns
+
+        coded, feature_fns = latent_columns(where, train.images, test.images, rand is not None,
+                                            opts.seed, opts.batch_size, opts.device, info.mean,
+                                            info.std)
+        feats["pretrained"] = coded["pretrained"]
+    else:
+        feats["pretrained"] = (cached_features(cache, backbone, train.images, **kw),
+                               cached_features(cache, backbone, test.images, **kw))
     if "raw_pixels" in opts.baselines:
         feats["raw_pixels"] = (raw_pixel_features(train.images, info.mean, info.std),
                                raw_pixel_features(test.images, info.mean, info.std))
-    if "random_init" in opts.baselines:
-        rand = random_init_like(where, info, opts.seed).to(opts.device or "cpu")
-        feats["random_init"] = (extract_features(rand, train.images, **kw),
-                                extract_features(rand, test.images, **kw))
+    if rand is not None:
+        feats["random_init"] = (coded["random_init"] if latent_of is not None else
+                                (extract_features(rand, train.images, **kw),
+                                 extract_features(rand, test.images, **kw)))
     timings["features"] = time.perf_counter() - t
 
     models: dict[str, dict[str, float]] = {}
     anomaly_per_class: dict[str, dict[str, dict[int, float]]] = {}
     notes = list(opts.extra_notes)
+    extra_tables: dict[str, dict[str, Any]] = {}
     for name, (ftr, fte) in feats.items():
         t = time.perf_counter()
         metrics, extras = evaluate_features(ftr, train.labels, fte, test.labels, opts, num_classes)
         models[name] = metrics
         if "anomaly_knn" in extras:
             anomaly_per_class.setdefault(name, {})["knn"] = extras["anomaly_knn"]
-        if name == "pretrained" and "index" in extras:
+        for key in ("lowshot",):
+            if key in extras:
+                extra_tables.setdefault(key, {})[name] = extras[key]
+        if name == "pretrained" and "index" in extras and latent_of is None:
             save_index(out / "index", extras["index"], train.labels, train.keys, {
                 "checkpoint": str(ckpt.resolve()), "weights_hash": weights_hash(backbone),
                 "train_shards": str(Path(train.path).resolve()), "classes": train.classes,
@@ -363,13 +302,32 @@ def run_eval(
 
         nets = {"pretrained": backbone, "random_init": rand if "random_init" in feats else None}
         properties = run_properties(feats, factor_data, nets, test.images, info, out, opts.seed,
-                                    opts.device, where.run_dir, RAW_PIXEL_DIMS)
+                                    opts.device, where.run_dir, RAW_PIXEL_DIMS, feature_fns)
         for name, summary in properties["summary"].items():
             models[name].update(summary)
         figures.append(properties["figure"])
         notes += properties["notes"]
         timings["properties"] = time.perf_counter() - t
         timings["properties_cpu"] = time.process_time() - cpu  # all threads: load-independent-ish
+    if "lowshot" in opts.protocols:
+        from selfsup.eval.lowshot import note as lowshot_note
+
+        notes.append(lowshot_note(opts.lowshot_fractions, opts.lowshot_runs))
+    if "finetune" in opts.protocols:
+        t = time.perf_counter()
+        from selfsup.eval.finetune import run_finetune
+
+        ft = run_finetune(where, info, {"pretrained": backbone, "random_init": rand}, train, test,
+                          num_classes, replace(opts.finetune, seed=opts.seed), opts.device)
+        for name, m in ft["metrics"].items():
+            models[name].update(m)
+        extra_tables["finetune"] = ft["details"]
+        notes.append(ft["note"])
+        timings["finetune"] = time.perf_counter() - t
+    if latent_of is not None:
+        notes.append(f"Representation: the code of {latent_of}'s latent hook for the pretrained "
+                     "and random_init columns (the method built with the seed); raw pixels as "
+                     "ever; finetune (if run) trains the backbone; no retrieval index is saved.")
     timings["total"] = time.perf_counter() - t0
 
     report = {
@@ -378,6 +336,8 @@ def run_eval(
             "test_shards": str(test_shards),
             "sizes": f"{train.images.shape[0]} / {test.images.shape[0]}",
             "classes": test.classes, "protocols": list(opts.protocols),
+            "representation": describe(opts.representation, latent_of,
+                                       models["pretrained"]["feature_dim"]),
             "weights_hash": weights_hash(backbone), "figures": figures, "notes": notes,
             "timings_s": timings,
             "units": "accuracy, recall and mAP in %; AUROC in [0, 1]",
@@ -388,6 +348,7 @@ def run_eval(
     }
     if properties is not None:
         report["properties"] = {"models": properties["models"]}
+    report.update(extra_tables)
     write_report(report, out)
     report["meta"]["wandb_run"] = log_to_training_run(report, where, out)
     return report

@@ -28,6 +28,10 @@ METRIC_NAMES = {
     "novelty_accuracy": "Novelty accuracy at the threshold (%)",
     "novelty_threshold": "Novelty threshold (score units, picked on validation)",
     "novelty_eval_images": "Novelty: evaluation images (the half not used for the threshold)",
+    "finetune_top1": "Fine-tune top-1 (%)",
+    "finetune_top5": "Fine-tune top-5 (%)",
+    "finetune_lr": "Fine-tune learning rate (chosen on val)",
+    "finetune_val_top1": "Fine-tune val top-1 (%)",
 }
 
 

@@ -33,11 +33,11 @@ import torch
 from selfsup.config import ConfigError, load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
-from selfsup.pretrain.export import export_run, load_backbone
 from selfsup.pretrain.methods.byol import momentum_tau
 from selfsup.pretrain.methods.dino import DINO, DINOCollapseWarning, dino_loss
 from selfsup.pretrain.methods.dino_parts import cls_attention
-from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+from selfsup.pretrain.run.export import export_run, load_backbone
+from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 SIDE, LOCAL, GLOBAL_N, TOTAL = 16, 8, 8, 10
 INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))

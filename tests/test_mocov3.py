@@ -35,7 +35,7 @@ from selfsup.data_info import DataInfo
 from selfsup.pretrain import methods
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import convert_allreduce_batchnorm
-from selfsup.pretrain.export import export_run
+from selfsup.pretrain.loop.optim import build_optimizer
 from selfsup.pretrain.methods.byol import momentum_tau
 from selfsup.pretrain.methods.mocov3 import (
     MoCoV3,
@@ -44,8 +44,8 @@ from selfsup.pretrain.methods.mocov3 import (
     key_labels,
     mocov3_loss,
 )
-from selfsup.pretrain.optim import build_optimizer
-from selfsup.pretrain.rundir import latest_checkpoint, load_checkpoint
+from selfsup.pretrain.run.export import export_run
+from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 GLOBAL_N, SIDE = 8, 12
 INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))

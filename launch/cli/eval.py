@@ -25,6 +25,14 @@ protocols (all on frozen features; the backbone is never trained here):
              sufficiency (linear-probe lower bound on I(y;z) in nats per class and factor),
              invariance to crop/flip/jitter/grayscale/blur/noise/rotation/translation, and the
              InfoNCE bound from the run's metrics.jsonl; heat map properties_importance.png
+  lowshot    (not default) linear probe and kNN on 1% and 10% of the train labels, 3 seeded
+             stratified subsets each; mean ± sd (--lowshot-fractions, --lowshot-runs)
+  finetune   (not default) backbone + linear head trained end to end with the run's view recipe,
+             AdamW, layer-wise lr decay for ViTs, lr chosen on a validation split of TRAIN; test
+             top-1/top-5, beside the random-init backbone fine-tuned the same way
+
+--representation latent runs the feature protocols (and properties) on the method's own code
+(Method.latent: AE bottleneck, VAE posterior mean) instead of the backbone's features.
 
 every protocol also runs on raw pixels and on the same backbone at random initialisation, so the
 report shows what pretraining bought. Output: <out>/report.md, report.json, embedding_*.png.
@@ -52,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report folder (default: <run dir>/eval, or <export>/eval)")
     parser.add_argument("--protocols", default="linear,knn,retrieval,anomaly,plot",
                         help="comma-separated subset of linear,knn,retrieval,anomaly,plot,"
-                        "properties (default: all but properties)")
+                        "properties,lowshot,finetune (default: the first five)")
     base = parser.add_mutually_exclusive_group()
     base.add_argument("--no-baselines", action="store_true",
                       help="skip the raw-pixel and random-init columns (faster)")
@@ -86,6 +94,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not cache features under <out>/features")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the validation split, random init and plot subsample")
+    parser.add_argument("--representation", choices=("backbone", "latent"), default="backbone",
+                        help="features the probes see: the backbone's (default) or the method's "
+                        "latent code (methods with a latent hook: ae, vae, ...)")
+    parser.add_argument("--lowshot-fractions", type=float, nargs="+", default=[0.01, 0.1],
+                        metavar="F", help="label fractions of the lowshot protocol")
+    parser.add_argument("--lowshot-runs", type=int, default=3,
+                        help="seeded subsets per low-shot fraction (default: 3)")
+    parser.add_argument("--finetune-epochs", type=int, default=5,
+                        help="epochs per fine-tuning run (default: 5)")
+    parser.add_argument("--finetune-lrs", type=float, nargs="+", default=[3e-3, 1e-3, 3e-4],
+                        metavar="LR", help="AdamW learning rates tried; chosen on val of train")
+    parser.add_argument("--finetune-layer-decay", type=float, default=0.75,
+                        help="layer-wise lr decay for ViTs (MAE: 0.65 ViT-B, 0.75 ViT-L)")
+    parser.add_argument("--finetune-batch-size", type=int, default=256)
+    parser.add_argument("--finetune-max-train", type=int, default=0, metavar="N",
+                        help="fine-tune on a stratified subset of N train images (0: all)")
     parser.add_argument("--query", default=None, metavar="IMAGE",
                         help="instead of evaluating: print the nearest training items of IMAGE "
                         "from the saved index and write <out>/query-<name>.png")
@@ -96,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from selfsup.api import shards_for
+    from selfsup.eval.finetune import FinetuneOptions
     from selfsup.eval.query import query
     from selfsup.eval.run import EvalError, EvalOptions, resolve_checkpoint, run_eval
     from selfsup.pretrain.run.rundir import EVAL_DIR
@@ -121,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
             index=args.index, anomaly_classes=args.anomaly_class, plot=args.plot,
             held_out_classes=args.held_out_classes, novelty_fpr=args.fpr,
             device=device, seed=args.seed, cache=not args.no_cache, resize=args.resize,
+            representation=args.representation, lowshot_fractions=args.lowshot_fractions,
+            lowshot_runs=args.lowshot_runs, finetune=FinetuneOptions(
+                epochs=args.finetune_epochs, lrs=args.finetune_lrs, seed=args.seed,
+                layer_decay=args.finetune_layer_decay, batch_size=args.finetune_batch_size,
+                max_train=args.finetune_max_train),
         )
         report = run_eval(where.path, train, test, out, opts)
     except (EvalError, FileNotFoundError, ValueError) as e:
