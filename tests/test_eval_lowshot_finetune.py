@@ -115,7 +115,14 @@ def test_finetune_moves_a_copy_and_linear_leaves_weights_untouched(embedded_shar
 
 
 def _run(tmp_path, shards: str, method: str) -> str:
+    from accelerate.state import AcceleratorState, GradientState
+
     from selfsup.api import pretrain
+
+    # an in-process run builds its own Accelerator: clear what an earlier test left (as
+    # accelerate's AccelerateTestCase does), or a different precision is refused
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
     ov = [f"data.train={shards}", f"run_dir={tmp_path / method}", "model.backbone=resnet_small",
           "model.stem=cifar_s2", "model.width=0.25", "data.batch_size=64", "data.workers=1",
