@@ -29,6 +29,7 @@ import pytest
 import torch
 from test_siamese_bn import _bn_stats, _grads, _mean_over_processes, _rel_err
 from test_simclr import _max_rel_err, all_reduce_mean
+from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import ConfigError, load_config
 from selfsup.data_info import DataInfo
@@ -147,12 +148,7 @@ def _worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("ddp_mocov3") / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return run_two_processes(__file__, out)
 
 
 def _grad_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:

@@ -11,15 +11,13 @@ different functions whatever the gather does (SyncBatchNorm would be needed, and
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
@@ -154,17 +152,7 @@ def _max_rel_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("ddp") / "results.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, str(Path(__file__).resolve()), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return run_two_processes(__file__, out)
 
 
 @pytest.mark.slow  # torchrun start-up: ~15-25 s on 2 shared cores, paid once per module

@@ -1,0 +1,20 @@
+"""The 2-processes-vs-1 checks' launcher: a test file run as a script under ``torchrun --standalone``
+(gloo on CPU), its rank 0 saving the results to ``out``, which come back as a dict."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def two_process_results(script: str | Path, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(script).resolve()), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
