@@ -29,6 +29,7 @@ import pytest
 import torch
 from test_siamese_bn import _bn_stats, _grads, _mean_over_processes, _rel_err
 from test_simclr import _max_rel_err, all_reduce_mean
+from torchrun import save_and_leave
 from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import ConfigError, load_config
@@ -137,12 +138,7 @@ def _worker(out_path: str) -> None:
     results["shuffled"] = _shuffled(rank, world)
     keys = torch.zeros(2 * n, 12, dtype=torch.float64)
     results["received_key_bytes"] = gather_keys(keys).nbytes - keys.nbytes
-    if rank == 0:
-        torch.save(results, out_path)
-    # every rank leaves the group together: a rank exiting while the other is still in a gloo
-    # call ends it with "terminate called without an active exception" on loaded machines
-    accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    save_and_leave(results, out_path)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrun import save_and_leave
 from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import load_config
@@ -108,8 +109,7 @@ def _worker(out_path: str) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     n = GLOBAL_N // world
     results = {name: _run(*case, slice(rank * n, (rank + 1) * n)) for name, case in CASES.items()}
-    if rank == 0:
-        torch.save(results, out_path)
+    save_and_leave(results, out_path)
 
 
 @pytest.fixture(scope="module")

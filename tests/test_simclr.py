@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torchrun import save_and_leave
 from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import load_config
@@ -115,8 +116,7 @@ def _worker(out_path: str) -> None:
     loss = multi_crop_info_nce(list(z), TAU).loss
     accelerator.backward(loss)
     results["fp64_multi_crop"] = {"loss": all_reduce_mean(loss), "grads": _grads(model)}
-    if rank == 0:
-        torch.save(results, out_path)
+    save_and_leave(results, out_path)
 
 
 def _reference(dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

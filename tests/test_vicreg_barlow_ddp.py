@@ -24,6 +24,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torchrun import save_and_leave
 from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import load_config
@@ -138,9 +139,7 @@ def _worker(out_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     n = GLOBAL_N // world
     results = {name: run_case(*case, slice(rank * n, (rank + 1) * n)) for name, case in CASES.items()}
-    if rank == 0:
-        torch.save(results, out_path)
-    dist.destroy_process_group()
+    save_and_leave(results, out_path)
 
 
 # ---------------------------------------------------------------- the checks

@@ -18,3 +18,15 @@ def two_process_results(script: str | Path, out: Path) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+def save_and_leave(results: dict, out_path: str | Path) -> None:
+    """The end of every worker: rank 0 saves ``results``; then every rank leaves the process group
+    together (a rank exiting while the other is still inside a gloo call ends that one with
+    "terminate called without an active exception" on loaded machines)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
