@@ -62,7 +62,7 @@ def default_hooks(cfg: Config) -> list:
     return [ReconstructionGrid(cfg.data.train), pictures, *periodic_hooks(cfg)]
 
 
-def pretrain_config(cfg: Config, resume: str | None = None) -> Path:
+def pretrain_config(cfg: Config, resume: str | None = None, break_lock: bool = False) -> Path:
     """Train ``cfg`` in this process with the CLI's hooks; returns the run directory."""
     from selfsup.config import ConfigError
     from selfsup.pretrain.data.shard_cache import resolve_image_folders
@@ -72,7 +72,7 @@ def pretrain_config(cfg: Config, resume: str | None = None) -> Path:
         raise ConfigError("data.train is empty: point it at a shard set (selfsup shards --out DIR)")
     # a folder of images: written once into cached shards, on rank 0, before any heavy start-up
     resolve_image_folders(cfg)
-    return train(cfg, resume=resume, hooks=default_hooks(cfg))
+    return train(cfg, resume=resume, hooks=default_hooks(cfg), break_lock=break_lock)
 
 
 def pretrain(config: str | Path | Config | None = None, *, resume: str | None = None,

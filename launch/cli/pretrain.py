@@ -21,6 +21,7 @@ under <run_dir>/../.shard-cache/ (or $SELFSUP_CACHE) at data.folder_size px, and
 
 Stopping: SIGUSR1 or SIGTERM -> checkpoint at the end of the current step, exit 0.
 Resuming: --resume auto continues from run_dir/checkpoints/latest (same W&B run).
+One writer per run_dir: a second `selfsup pretrain` into a folder in use exits 2 naming the holder.
 """
 
 
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="recipe YAML (e.g. configs/simclr_demo.yaml); defaults if omitted")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': continue from the latest checkpoint if there is one; or a checkpoint file")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take the run directory's lock even if it names another host's run: DANGEROUS if "
+                        "that run is alive (both would write the same files); see docs/run_lock.md")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
@@ -55,10 +59,14 @@ def run(args: argparse.Namespace) -> int:
     from selfsup.pretrain.data.shard_cache import CacheError
     from selfsup.pretrain.data.stream import ShardError
     from selfsup.pretrain.loop.train import TrainingError
+    from selfsup.pretrain.run.lock import RunLockError
     from selfsup.pretrain.run.rundir import RunDirError
 
     try:
-        pretrain_config(cfg, resume=args.resume)
+        pretrain_config(cfg, resume=args.resume, break_lock=args.break_lock)
+    except RunLockError as e:  # before anything was written: exit 2 like a usage error
+        print(f"error: {e}", flush=True)
+        return 2
     except ConfigError as e:
         print(f"config error: {e}", flush=True)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class ShardSet:
             raise ShardError(f"{path}/{MANIFEST} lacks {', '.join(missing)}")
         if manifest["format"] != FORMAT:
             raise ShardError(f"{path}/{MANIFEST}: format {manifest['format']!r}, expected {FORMAT!r}")
+        _check_names(manifest["shards"], f"{path}/{MANIFEST}")
         counts = [int(s["num_samples"]) for s in manifest["shards"]]
         if not counts or manifest["num_samples"] <= 0:
             raise ShardError(f"{path}: the shard set is empty")
@@ -122,8 +124,17 @@ class ShardSet:
         bad = []
         for i, (shard, url) in enumerate(zip(self.shards, self.urls, strict=True)):
             p = Path(url)
-            if not p.is_file():
+            try:
+                mode = os.stat(p).st_mode  # never opened: a FIFO would block the reader
+            except OSError:
+                mode = None
+            if mode is None:
                 bad.append((i, f"shard listed in the manifest is missing: {p}"))
+            elif not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else \
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file"
+                bad.append((i, f"{p}: manifest entry '{shard['file']}' is {kind}, not a regular file: refused "
+                               "(a shard must be a tar file)"))  # fmt: skip
             elif "bytes" in shard and p.stat().st_size != shard["bytes"]:
                 bad.append((i, f"{p}: {p.stat().st_size} bytes on disk, manifest says {shard['bytes']} "
                                "(truncated or replaced?)"))  # fmt: skip
@@ -149,6 +160,33 @@ class ShardSet:
         return img.transpose(2, 0, 1), int(sample["cls"]) if self.labelled else -1, sample["__key__"]
 
 
+
+
+def _check_names(shards: list, where: str) -> None:
+    """Every shard name is a relative path inside the manifest's folder: plain names joined by '/'
+    (a joined import's ``part-000-of-004/x.tar``), never absolute, never '..' or '.', nothing that
+    could name a file elsewhere. Every offending entry is listed."""
+    bad = []
+    for i, shard in enumerate(shards):
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not name:
+            bad.append(f"shards[{i}]: no file name ({shard!r})")
+            continue
+        parts = name.split("/")
+        if name.startswith("/") or os.path.isabs(name):
+            why = "an absolute path"
+        elif any(p in ("", ".", "..") for p in parts):
+            why = "a path with '..', '.' or an empty component"
+        elif "\\" in name or "\0" in name:
+            why = "a name with a backslash or NUL"
+        else:
+            continue
+        bad.append(f"shards[{i}] file '{name}' is {why}")
+    if bad:
+        raise ShardError(
+            f"{where}: shard names must be plain file names inside the manifest's folder; "
+            + "; ".join(bad) + ". Rewrite the manifest (selfsup shards writes valid ones)"
+        )
 
 
 def rank_and_world() -> tuple[int, int]:

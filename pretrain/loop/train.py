@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from selfsup.config import Config
 from selfsup.pretrain.hooks.base import HookContext, TrainHook
@@ -47,28 +47,53 @@ from selfsup.pretrain.loop.setup import (
     restore,
 )
 from selfsup.pretrain.methods import StepContext
+from selfsup.pretrain.run.lock import RunLock, RunLockError
 from selfsup.pretrain.run.rundir import checkpoint_dir, rng_state, save_checkpoint, write_run_files
 
-__all__ = ["TrainingError", "train"]
+__all__ = ["RunLockError", "TrainingError", "train"]
 
 
-def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = ()) -> Path:
+def train(cfg: Config, resume: str | None = None, hooks: Sequence[TrainHook] = (), break_lock: bool = False) -> Path:
     """Pretrain per ``cfg``; ``resume`` is None (fresh; refuses a run dir that has checkpoints),
     ``"auto"`` (latest checkpoint if any) or a checkpoint path. ``hooks`` are called after each
-    epoch and at the end (``pretrain/hooks/base.py``). Returns the run directory."""
+    epoch and at the end (``pretrain/hooks/base.py``). A run directory has one writer: a second one
+    is a RunLockError (``break_lock``: take the lock whatever it says). Returns the run directory."""
     stop = StopFlag()  # first: a signal during start-up must not kill the process
-    run = Trainer(cfg, resume, hooks, stop)
-    while run.pos.step < run.data.total_steps:
-        batches = run.epoch_batches()
-        while (result := run.optimiser_step(batches)) is not None:
-            run.log_step(result)
-            if result.stopping:
-                return run.stop_on_signal()
-            run.periodic_checkpoint()
-            if run.pos.step >= run.data.total_steps:
-                break
-        run.end_epoch()
-    return run.finish()
+    accelerator = make_accelerator(cfg)
+    lock = hold_run_dir(cfg.run_dir, accelerator, break_lock)  # before anything is written there
+    try:
+        run = Trainer(cfg, resume, hooks, stop, accelerator)
+        while run.pos.step < run.data.total_steps:
+            batches = run.epoch_batches()
+            while (result := run.optimiser_step(batches)) is not None:
+                run.log_step(result)
+                if result.stopping:
+                    return run.stop_on_signal()
+                run.periodic_checkpoint()
+                if run.pos.step >= run.data.total_steps:
+                    break
+            run.end_epoch()
+        return run.finish()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def hold_run_dir(run_dir: str, accelerator: Accelerator, break_lock: bool) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (``pretrain/run/lock.py``); every rank learns whether
+    it got it, so that a refused run stops on all ranks at once (RunLockError) instead of leaving
+    the others waiting in their first collective."""
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock.acquire(run_dir, break_lock=break_lock)
+        except RunLockError as e:
+            problem = str(e)
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem], from_process=0)[0]
+    if problem is not None:
+        raise RunLockError(problem)
+    return lock
 
 
 class StopFlag:
@@ -107,9 +132,10 @@ class StepResult:
 class Trainer:
     """The loop's state and its named steps; ``train()`` above is the order they run in."""
 
-    def __init__(self, cfg: Config, resume: str | None, hooks: Sequence[TrainHook], stop: StopFlag):
+    def __init__(self, cfg: Config, resume: str | None, hooks: Sequence[TrainHook], stop: StopFlag,
+                 accelerator: Accelerator):
         self.cfg, self.tc, self.hooks, self.stop = cfg, cfg.train, hooks, stop
-        self.accelerator = acc = make_accelerator(cfg)
+        self.accelerator = acc = accelerator
         self.world, self.main = acc.num_processes, acc.is_main_process
         self.run_dir = Path(cfg.run_dir)
         self.data = build_data(cfg, acc)
