@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'auto': continue from the latest checkpoint if there is one; or a checkpoint file")
     p.add_argument("--break-lock", action="store_true",
                    help="take the run directory's lock even if it names another host's run: DANGEROUS if "
-                        "that run is alive (both would write the same files); see docs/run_lock.md")
+                        "that run is alive (both would write the same files); see docs/run_directory.md")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
