@@ -52,6 +52,8 @@ examples:
   selfsup demo --minutes 3 --config configs/vae_demo.yaml
   selfsup demo --compare --minutes 5              every method, 5 minutes each, into runs/compare
   selfsup demo --compare --methods simclr,byol,ae --out runs/cmp train.max_steps=300
+  selfsup demo --seeds 3                          three seeds, mean ± sd per row in runs/demo/seeds.md
+  selfsup demo --compare --seeds 3 --minutes 2    every method x 3 seeds, runs/compare/seeds.md
 
 --compare runs every method with a recipe configs/<name>_demo.yaml (or the --methods subset)
 through the same steps (shards once, then per method: speed measurement and pretraining, eval) and
@@ -85,6 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", default=None, metavar="A,B,...",
         help="compare only these methods (the <name> of configs/<name>_demo.yaml; implies "
         "--compare)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, metavar="N",
+        help="train N seeds (train.seed and eval --seed = 0..N-1, into <out>/seed-<k>/) and report "
+        "mean ± sd per row in <out>/seeds.md (default 1: one run, as make demo)",
     )
     parser.add_argument(
         "--processes",
@@ -169,12 +176,16 @@ def demo(args: argparse.Namespace) -> tuple[Path, Path]:
               "--out", str(out / "views.png")])
     )  # fmt: skip
     run_step(eval_step("evaluate (pretrained vs raw pixels vs random init)", run_dir,
-                       train_shards, test_shards))  # fmt: skip
+                       train_shards, test_shards, tuple(getattr(args, "eval_extra", ()))))  # fmt: skip
     run_step(Step("export", [*CLI, "export", "--run", str(run_dir), "--out", str(out / "export")]))
     return run_dir, run_dir / "eval" / "report.json"
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seeds != 1:
+        from selfsup.launch.demo.seeds import run_seeds
+
+        return run_seeds(args)
     if args.compare or args.methods is not None:
         from selfsup.launch.demo.compare import run_compare
 

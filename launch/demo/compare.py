@@ -213,6 +213,7 @@ def run_method(e: Entry, run_step: Runner, args: argparse.Namespace, out: Path, 
                   | {"recipe_sha256": settings["recipes"][e.name]}}  # fmt: skip
         e.record.write_text(json.dumps(record, indent=2))
     extra = ("--baselines", ",".join(e.baselines)) if e.baselines else ("--no-baselines",)
+    extra += tuple(getattr(args, "eval_extra", ()))  # --seeds: the eval's own seed
     what = " + ".join(b.replace("_", " ") for b in e.baselines) or "no baselines"
     run_step(eval_step(f"{e.name}: evaluate ({what})", e.run_dir, train, test, extra))
     e.state = "done"
