@@ -4,11 +4,20 @@ parameters and buffers, and the logged loss of every step)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from test_train import _wait_for_checkpoint, assert_same_params, final_model, metrics, pretrain
+
+from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 STEPS = ["train.max_steps=16", "train.checkpoint_every=2", "data.batch_size=16", "model.width=0.25", "log.wandb=off"]
 
@@ -30,3 +39,50 @@ def kill_resume_is_bitwise(tmp_path: Path, shards: str, *overrides: str) -> list
     assert [m["step"] for m in rows] == list(range(1, 17))
     assert [m["loss"] for m in rows] == [m["loss"] for m in rows_ref]
     return rows_ref
+
+
+# ---------------------------------------------------------------- the CLI kill-and-resume tests of
+# the EMA methods (byol, mocov3, dino): their own recipe overrides, the same mechanics
+CLI_ENV = {**os.environ, "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def cli_pretrain(run_dir: Path, shards: str, run_args: list[str], *extra: str, wait: bool = True):
+    """``selfsup pretrain`` in a subprocess: the finished process, or (``wait=False``) the running one."""
+    cmd = [sys.executable, "-m", "selfsup.launch.cli", "pretrain", f"data.train={shards}",
+           f"run_dir={run_dir}", *run_args, *extra]  # fmt: skip
+    if not wait:
+        return subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=CLI_ENV, capture_output=True, text=True, timeout=600)
+
+
+def sigkill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path, low: int, high: int) -> int:
+    """SIGKILL ``proc`` once its run has a checkpoint at or after a random step in [low, high);
+    returns that checkpoint's step."""
+    kill_after = int(np.random.default_rng().integers(low, high))
+    deadline = time.time() + 300
+    while True:
+        path = None
+        with contextlib.suppress(Exception):  # the pointer may be mid-replace; poll again
+            path = latest_checkpoint(run_dir / "checkpoints")
+        if path is not None and int(path.stem.split("-")[1]) >= kill_after:
+            break
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return int(path.stem.split("-")[1])
+
+
+def same_final_models(ref: Path, run: Path) -> dict[str, torch.Tensor]:
+    """The two runs' last checkpoints hold bitwise equal models; returns the reference's."""
+    a = load_checkpoint(latest_checkpoint(ref / "checkpoints"))["model"]
+    b = load_checkpoint(latest_checkpoint(run / "checkpoints"))["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    return a
+
+
+def jsonl_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,20 +4,13 @@ and resumed through the CLI that ends bitwise equal to an uninterrupted one, tar
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
 
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
@@ -25,7 +18,6 @@ from selfsup.pretrain.build import build_method
 from selfsup.pretrain.loop.optim import build_optimizer
 from selfsup.pretrain.methods.byol import BYOL, byol_loss, ema_update, momentum_tau
 from selfsup.pretrain.run.export import export_run, load_backbone
-from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 INFO = DataInfo(channels=1, image_size=12, mean=(0.5,), std=(0.25,))
 SMALL = ["method.name=byol", "model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.25",
@@ -117,54 +109,27 @@ def test_forward_logs_zero_dim_tensors_including_tau_and_collapse() -> None:
     assert float(logs["tau"]) == pytest.approx(0.996)  # a logged value is a copy, not the buffer
 
 
-ENV = {**os.environ, "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 RUN = [*SMALL, "method.byol.tau_base=0.9", "data.batch_size=32", "data.workers=1", "optim.name=sgd",
        "optim.base_lr=0.2", "log.progress=false", "log.wandb=off", "train.log_every=1",
        "train.max_steps=10", "train.checkpoint_every=3"]  # fmt: skip
 
 
-def _pretrain(run_dir: Path, shards: str, *extra: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "selfsup.launch.cli", "pretrain", f"data.train={shards}",
-           f"run_dir={run_dir}", *RUN, *extra]  # fmt: skip
-    if not wait:
-        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow  # three short CLI runs (~30 s on 2 shared cores)
 def test_sigkill_then_resume_is_bitwise_equal_including_the_target(tmp_path: Path, small_shards: str) -> None:
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    proc = _pretrain(run, small_shards, wait=False)
-    r = _pretrain(ref, small_shards)
+    proc = cli_pretrain(run, small_shards, RUN, wait=False)  # alone: a reference run beside it could let it finish
+    sigkill_after_a_checkpoint(proc, run, 3, 7)
+    r = cli_pretrain(ref, small_shards, RUN)
     assert r.returncode == 0, r.stdout + r.stderr
-    kill_after = int(np.random.default_rng().integers(3, 7))
-    deadline = time.time() + 300
-    while True:  # the first checkpoint at or after kill_after, then SIGKILL
-        path = None
-        with contextlib.suppress(Exception):  # the pointer may be mid-replace; poll again
-            path = latest_checkpoint(run / "checkpoints")
-        if path is not None and int(path.stem.split("-")[1]) >= kill_after:
-            break
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = _pretrain(run, small_shards, "--resume", "auto")
+    r = cli_pretrain(run, small_shards, RUN, "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
 
-    a = load_checkpoint(latest_checkpoint(ref / "checkpoints"))["model"]
-    b = load_checkpoint(latest_checkpoint(run / "checkpoints"))["model"]
-    assert a.keys() == b.keys() and any(k.startswith("target_backbone.") for k in a)
+    a = same_final_models(ref, run)
+    assert any(k.startswith("target_backbone.") for k in a)
     assert any(k.startswith("target_projector.") and "running_var" in k for k in a)  # BN buffers
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     # the target has moved (EMA), and lags the online network
     assert not torch.equal(a["target_backbone.conv1.weight"], a["backbone.conv1.weight"])
-    rows_ref, rows_run = _rows(ref), _rows(run)
+    rows_ref, rows_run = jsonl_rows(ref), jsonl_rows(run)
     assert [m["step"] for m in rows_run] == list(range(1, 11))
     assert [m["loss"] for m in rows_run] == [m["loss"] for m in rows_ref]
     for m in rows_ref:  # the logged rate is the one that step's EMA update used

@@ -15,20 +15,16 @@ micro-batch instead of per optimiser step (the bugs of lightly-train #968 / ligh
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
 
 from selfsup.config import ConfigError, load_config
 from selfsup.data_info import DataInfo
@@ -37,7 +33,6 @@ from selfsup.pretrain.methods.byol import momentum_tau
 from selfsup.pretrain.methods.dino import DINO, DINOCollapseWarning, dino_loss
 from selfsup.pretrain.methods.dino_parts import cls_attention
 from selfsup.pretrain.run.export import export_run, load_backbone
-from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 SIDE, LOCAL, GLOBAL_N, TOTAL = 16, 8, 8, 10
 INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
@@ -337,51 +332,28 @@ def test_planted_centre_updates_fail_the_same_check(two_process_results: dict, w
 
 
 # ---------------------------------------------------------------- kill and resume
-ENV = {**os.environ, "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 RUN = [*HEAD, *RESNET, "method.dino.local_size=12", "method.dino.teacher_temp_warmup=0.6", "method.dino.freeze_last_layer=0.3",
        "method.dino.tau_base=0.9", "data.batch_size=32", "data.workers=1", "optim.name=sgd", "optim.base_lr=0.2",
        "log.progress=false", "log.wandb=off", "train.log_every=1", "train.max_steps=10",
        "train.checkpoint_every=3", "train.accumulate=2"]  # fmt: skip
 
 
-def _pretrain(run_dir: Path, shards: str, *extra: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "selfsup.launch.cli", "pretrain", f"data.train={shards}", f"run_dir={run_dir}",
-           *RUN, *extra]  # fmt: skip
-    if not wait:
-        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow  # three short CLI runs
 def test_sigkill_then_resume_is_bitwise_equal_teacher_centre_and_schedules(tmp_path: Path, small_shards: str) -> None:
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    proc = _pretrain(run, small_shards, wait=False)
-    r = _pretrain(ref, small_shards)
+    proc = cli_pretrain(run, small_shards, RUN, wait=False)  # alone: a reference run beside it could let it finish
+    sigkill_after_a_checkpoint(proc, run, 3, 7)
+    r = cli_pretrain(ref, small_shards, RUN)
     assert r.returncode == 0, r.stdout + r.stderr
-    kill_after = int(np.random.default_rng().integers(3, 7))
-    deadline = time.time() + 300
-    while True:  # the first checkpoint at or after kill_after, then SIGKILL
-        path = None
-        with contextlib.suppress(Exception):
-            path = latest_checkpoint(run / "checkpoints")
-        if path is not None and int(path.stem.split("-")[1]) >= kill_after:
-            break
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = _pretrain(run, small_shards, "--resume", "auto")
+    r = cli_pretrain(run, small_shards, RUN, "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
-    a = load_checkpoint(latest_checkpoint(ref / "checkpoints"))["model"]
-    b = load_checkpoint(latest_checkpoint(run / "checkpoints"))["model"]
-    assert a.keys() == b.keys() and {"center", "teacher_temp", "tau", "last_layer_frozen"} <= a.keys()
+    a = same_final_models(ref, run)
+    assert {"center", "teacher_temp", "tau", "last_layer_frozen"} <= a.keys()
     assert "center_sum" not in a  # the step's accumulator is empty between steps and not saved
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     assert not torch.equal(a["teacher_backbone.conv1.weight"], a["student_backbone.conv1.weight"])
     assert torch.equal(a["backbone.conv1.weight"], a["teacher_backbone.conv1.weight"])  # export=teacher
     assert float(a["teacher_temp"]) == pytest.approx(0.07) and float(a["center"].abs().sum()) > 0
-    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, run)]
+    rows = [jsonl_rows(ref), jsonl_rows(run)]
     assert [m["step"] for m in rows[1]] == list(range(1, 11))
     assert [m["loss"] for m in rows[1]] == [m["loss"] for m in rows[0]]
     for m in rows[0]:  # the logged temperature is the one that step used: 0.04 -> 0.07 over 6 steps

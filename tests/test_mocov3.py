@@ -13,20 +13,14 @@ one process holding the whole batch.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
 from test_siamese_bn import _bn_stats, _grads, _mean_over_processes, _rel_err
 from test_simclr import _max_rel_err, all_reduce_mean
 from torchrun import save_and_leave
@@ -47,7 +41,6 @@ from selfsup.pretrain.methods.mocov3 import (
     mocov3_loss,
 )
 from selfsup.pretrain.run.export import export_run
-from selfsup.pretrain.run.rundir import latest_checkpoint, load_checkpoint
 
 GLOBAL_N, SIDE = 8, 12
 INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
@@ -340,52 +333,28 @@ def test_bad_config_values_are_named(overrides: list[str], message: str) -> None
         build_method(load_config(None, [*HEADS, *RESNET, *overrides]), INFO)
 
 
-ENV = {**os.environ, "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 RUN = [*HEADS, *RESNET, "data.batch_size=32", "data.workers=1", "optim.name=sgd", "optim.base_lr=0.2",
        "train.accumulate=2", "log.progress=false", "log.wandb=off", "train.log_every=1",
        "train.max_steps=40", "train.checkpoint_every=4"]  # fmt: skip
 
 
-def _pretrain(run_dir: Path, shards: str, *extra: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "selfsup.launch.cli", "pretrain", f"data.train={shards}",
-           f"run_dir={run_dir}", *RUN, *extra]  # fmt: skip
-    if not wait:
-        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow  # three short CLI runs (~30 s on 2 shared cores)
 def test_sigkill_then_resume_is_bitwise_equal_including_the_momentum_encoder(tmp_path: Path, small_shards: str) -> None:
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    proc = _pretrain(run, small_shards, wait=False)  # alone: a reference run beside it would let it finish
-    kill_after = int(np.random.default_rng().integers(4, 13))
-    deadline = time.time() + 300
-    while True:  # the first checkpoint at or after kill_after, then SIGKILL
-        path = None
-        with contextlib.suppress(Exception):  # the pointer may be mid-replace; poll again
-            path = latest_checkpoint(run / "checkpoints")
-        if path is not None and int(path.stem.split("-")[1]) >= kill_after:
-            break
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    killed_at = int(path.stem.split("-")[1])
-    assert proc.poll() is None and killed_at < 40, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = _pretrain(ref, small_shards)
+    proc = cli_pretrain(run, small_shards, RUN, wait=False)  # alone: a reference run beside it would let it finish
+    killed_at = sigkill_after_a_checkpoint(proc, run, 4, 13)
+    assert killed_at < 40
+    r = cli_pretrain(ref, small_shards, RUN)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = _pretrain(run, small_shards, "--resume", "auto")
+    r = cli_pretrain(run, small_shards, RUN, "--resume", "auto")
     assert f"at step {killed_at} " in r.stdout, r.stdout  # resumed where it was killed
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
-    a = load_checkpoint(latest_checkpoint(ref / "checkpoints"))["model"]
-    b = load_checkpoint(latest_checkpoint(run / "checkpoints"))["model"]
-    assert a.keys() == b.keys() and any(k.startswith("momentum_projector.") and "running_var" in k for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    a = same_final_models(ref, run)
+    assert any(k.startswith("momentum_projector.") and "running_var" in k for k in a)
     # 40 optimiser steps of 2 micro-batches each: 40 EMA updates, not 80
     assert int(a["momentum_updates"]) == 40
     assert not torch.equal(a["momentum_backbone.conv1.weight"], a["backbone.conv1.weight"])
-    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, run)]
+    rows = [jsonl_rows(ref), jsonl_rows(run)]
     assert [m["step"] for m in rows[1]] == list(range(1, 41))
     assert [m["loss"] for m in rows[1]] == [m["loss"] for m in rows[0]]
     for m in rows[0]:  # the logged rate is the one of the update that made this step's keys
