@@ -28,7 +28,6 @@ probabilities of pixel values in [0, 1]; normalised pixels lie outside [0, 1], s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,7 +38,7 @@ from selfsup.augment.views import Views
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.methods.ae_losses import LOSSES, UNIT_TARGET_LOSSES, pixel_loss
 from selfsup.pretrain.methods.base import Method
-from selfsup.pretrain.methods.dae import ConvDecoder, upsampling_plan
+from selfsup.pretrain.methods.dae import ConvDecoder, dry_run, upsampling_plan
 
 TARGETS = ("auto", "normalized", "unit")
 CODE_ACTIVATIONS = ("none", "relu", "sigmoid")
@@ -147,16 +146,6 @@ class LinearDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.linear(z).view(-1, *self.shape)
-
-
-def dry_run(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Shape check at construction: eval mode (BatchNorm accepts tiny batches), no grad."""
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        out = fn(x)
-    module.train(was_training)
-    return out
 
 
 class VectorAutoencoder(Method):

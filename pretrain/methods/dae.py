@@ -136,6 +136,16 @@ class ConvDecoder(nn.Module):
         return self.head(self.stages(self.bottleneck(features)))
 
 
+def dry_run(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Shape check at construction: eval mode (BatchNorm accepts tiny batches), no grad."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = fn(x)
+    module.train(was_training)
+    return out
+
+
 @register_method("dae", DAEConfig, backbone="resnet")
 class DAE(Method):
     """Denoising (or, with no corruption, plain undercomplete) convolutional autoencoder."""
@@ -159,7 +169,7 @@ class DAE(Method):
         if h != w:
             raise ValueError(f"DAE decoder needs a square feature map, got {h}x{w}")
         self.decoder = ConvDecoder(c, self.cfg.code_channels, channels, upsampling_plan(h, size))
-        out = self._dry_run(self.autoencode, probe).shape
+        out = dry_run(self, self.autoencode, probe).shape
         if out != probe.shape:
             raise ValueError(f"DAE decoder produced {tuple(out)} for input {tuple(probe.shape)}")
         code, pixels = self.cfg.code_channels * h * w, channels * size * size
@@ -173,15 +183,6 @@ class DAE(Method):
         std = torch.tensor(views.std).view(1, -1, 1, 1)
         self.register_buffer("black", ((0.0 - mean) / std).flatten(), persistent=False)
         self.register_buffer("white", ((1.0 - mean) / std).flatten(), persistent=False)
-
-    def _dry_run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Shape check at construction: eval mode (BatchNorm accepts a 1-image batch), no grad."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            out = fn(x)
-        self.train(was_training)
-        return out
 
     def corrupt(
         self, clean: torch.Tensor, generator: torch.Generator | None = None

@@ -160,11 +160,9 @@ def build_and_load(
 def read_export_config(out_dir: Path) -> tuple[ModelConfig, DataInfo, dict[str, Any]]:
     path = out_dir / CONFIG_FILE
     try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ExportError(f"{out_dir}: no {CONFIG_FILE} (not an export folder?)") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: not readable JSON ({e})") from e
+        meta = rundir.read_json(path, f"{out_dir}: no {CONFIG_FILE} (not an export folder?)")
+    except rundir.RunDirError as e:
+        raise ExportError(str(e)) from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportError(f"{path}: not a {FORMAT} config (missing \"format\": \"{FORMAT}\")")
     version = meta.get("format_version")

@@ -281,13 +281,19 @@ def read_config(run_dir: str | Path) -> Config:
 def read_data_info(run_dir: str | Path) -> DataInfo:
     """DataInfo from the run's ``data_info.json``."""
     path = Path(run_dir) / DATA_INFO_FILE
+    raw = read_json(path, f"{path}: missing (it holds channels, image size, mean and std)")
+    return data_info_from_dict(raw, str(path))
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """The file's JSON; RunDirError ``missing`` when there is no file, or naming the file when it
+    cannot be read or parsed (the run directory's and the export folder's JSON files)."""
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise RunDirError(f"{path}: missing (it holds channels, image size, mean and std)") from e
+        raise RunDirError(missing) from e
     except (OSError, json.JSONDecodeError) as e:
         raise RunDirError(f"{path}: not readable JSON ({e})") from e
-    return data_info_from_dict(raw, str(path))
 
 
 def data_info_from_dict(raw: Any, source: str) -> DataInfo:
