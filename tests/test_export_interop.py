@@ -14,8 +14,8 @@ import torch
 from optional_deps import import_or_skip
 from reference_archs import timm_vit_keys, torchvision_resnet_keys
 from safetensors.torch import load_file
-from torch import nn
 from test_export import GRAY28, HEADS, RGB32, SMALL, _inputs, make_run
+from torch import nn
 
 from selfsup.config import load_config
 from selfsup.pretrain.models.backbones import build_backbone

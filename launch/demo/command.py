@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds != 1:
         from selfsup.launch.demo.seeds import run_seeds
 
-        return run_seeds(args)
+        return run_seeds(args, demo)
     if args.compare or args.methods is not None:
         from selfsup.launch.demo.compare import run_compare
 

@@ -19,6 +19,7 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,9 @@ def write(out: Path, agg: dict, rows: list[str], higher_better: set[str], header
     return path
 
 
-def run_seeds(args: argparse.Namespace) -> int:
-    """``demo --seeds N`` with or without ``--compare``."""
+def run_seeds(args: argparse.Namespace, demo: Callable[[argparse.Namespace], tuple[Path, Path]]) -> int:
+    """``demo --seeds N`` with or without ``--compare``; ``demo`` is the one-run pipeline
+    (``command.demo``, handed in so that this module does not import its caller)."""
     from selfsup.launch.demo.compare import EVAL_ROWS, RUN_ROWS, compare
 
     started = time.monotonic()
@@ -121,8 +123,6 @@ def run_seeds(args: argparse.Namespace) -> int:
             if comparing:
                 tables.append(compare(run)[0]["models"])
             else:
-                from selfsup.launch.demo.command import demo
-
                 _, report = demo(run)
                 tables.append(json.loads(report.read_text())["models"])
         agg = aggregate(tables)
