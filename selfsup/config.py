@@ -164,6 +164,7 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop: checkpoint-safe error | skip: drop the step and count it
     max_nan_skips: int = 10  # with nan_policy=skip, give up after this many skipped steps
     dist_timeout_s: int = 300  # a collective waiting longer than this fails instead of hanging
+    resume_elastic: bool = False  # --resume on another world size/workers/batch split: global sample position kept, not bitwise
 
     def check(self) -> None:
         _one_of("train.precision", self.precision, PRECISIONS)

@@ -63,6 +63,27 @@ def truncate_shard(shard_dir: Path, shard: int, keep_fraction: float = 0.5) -> P
     return path
 
 
+@contextlib.contextmanager
+def size_limited_disk(parent: Path, size: str):
+    """A real tmpfs of ``size`` (e.g. "2m") mounted under ``parent`` (root only; skips the test
+    otherwise), unmounted afterwards: a disk that really fills up."""
+    import uuid
+
+    import pytest
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    mnt = parent / f"disk-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs refused here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 # ------------------------------------------------------------------------------ processes
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 

@@ -7,14 +7,11 @@ damaged latest checkpoint, still bitwise equal) is part of tests/test_faults.py.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from faultkit import size_limited_disk
 
 from selfsup.pretrain.run.rundir import (
     CheckpointError,
@@ -59,17 +56,8 @@ def test_damaged_latest_falls_back_to_the_newest_that_loads(tmp_path: Path, capf
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A real 2 MiB tmpfs (root only), unmounted and removed afterwards."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    mnt = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"mount -t tmpfs refused here: {r.stderr.strip()}")
-    try:
+    with size_limited_disk(tmp_path, "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_disk_full_leaves_previous_latest_valid(small_disk: Path) -> None:

@@ -61,7 +61,22 @@ def test_a_live_holder_is_refused_and_a_dead_one_taken_over(tmp_path: Path, capf
     err = capfd.readouterr().err
     assert "taking over the stale lock" in err and f"pid {holder.pid}" in err, err
     assert _holder(run / LOCK_FILE)["pid"] == os.getpid()
+    with pytest.raises(RunLockError, match="is in use"):  # a second writer inside this same process
+        RunLock.acquire(run)
     lock.release()
+    # a SIGKILLed holder whose forked child lives on (as DataLoader workers outlive a killed
+    # trainer): the child does not keep the lock
+    code = ("import os, sys, time; from selfsup.pretrain.run.lock import RunLock; RunLock.acquire(sys.argv[1]); "
+            "os.fork() or time.sleep(600); print('held', flush=True); time.sleep(600)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    try:
+        RunLock.acquire(run).release()
+    finally:
+        os.killpg(holder.pid, 9)
 
 
 def test_a_file_system_without_flock_still_sees_a_live_holder(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 EXAMPLES = """The config is a recipe under configs/ plus key.sub=value overrides, checked before any data is
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except (CacheError, ShardError, RunDirError, TrainingError) as e:
         print(f"error: {e}", flush=True)
+        if _disk_full(e):  # W&B's service died with the disk; its exit hook would wait for ever
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except Exception as e:
         from selfsup.pretrain.loop.peers import diagnose, is_collective_failure
@@ -84,3 +89,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -34,13 +34,14 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain, islice, repeat
+from itertools import chain, groupby, islice, repeat
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from selfsup.pretrain.data.elastic import pack, to_segments, unpack
 from selfsup.pretrain.data.shardset import ShardError, ShardSet, rank_and_world  # noqa: F401 - re-exported
 
 POOL = 256  # readable samples a worker keeps to pad batches with
@@ -63,12 +64,13 @@ def plan_epoch(
     epoch: int,
     shuffle: bool = True,
     drop_last: bool = True,
+    remaining: np.ndarray | None = None,
 ) -> tuple[list[WorkerPlan], int]:
-    """Which samples each worker of ``rank`` reads this epoch; returns (plans, batches for rank)."""
-    order = list(range(len(counts)))
-    if shuffle:
-        order = list(np.random.default_rng([seed, epoch]).permutation(len(counts)))
-    total = sum(counts)
+    """Which samples each worker of ``rank`` reads this epoch; returns (plans, batches for rank).
+    ``remaining``: sorted positions of the epoch's sequence still to read (an elastic resume,
+    ``data/elastic.py``); they are split over ranks and workers the same way."""
+    order = epoch_order(len(counts), seed, epoch, shuffle)
+    total = sum(counts) if remaining is None else len(remaining)
     if drop_last:
         per_rank = total // world
         start = rank * per_rank
@@ -89,6 +91,10 @@ def plan_epoch(
         length = sum(mine)
         segs = []
         lo, hi = offset, offset + length
+        if remaining is not None:
+            plans.append(WorkerPlan(tuple(to_segments(remaining[lo:hi], bounds, order)), mine))
+            offset = hi
+            continue
         for j, shard in enumerate(order):
             a, b = max(lo, bounds[j]), min(hi, bounds[j + 1])
             if a < b:
@@ -96,6 +102,10 @@ def plan_epoch(
         plans.append(WorkerPlan(tuple(segs), mine))
         offset = hi
     return plans, n_batches
+
+
+def epoch_order(n_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    return list(np.random.default_rng([seed, epoch]).permutation(n_shards)) if shuffle else list(range(n_shards))
 
 
 # --------------------------------------------------------------------------------------- stream
@@ -129,14 +139,24 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.shuffle_buffer, self.max_corrupt_fraction = shuffle_buffer, max_corrupt_fraction
         self.epoch, self.start_batch = 0, 0
+        self.remaining: np.ndarray | None = None  # elastic resume: the positions left this epoch
         # per plan index: (corrupt, padded) this epoch before start_batch (from a checkpoint)
         self.start_counts: dict[int, tuple[int, int]] = {}
 
     def plan(self) -> tuple[list[WorkerPlan], int]:
         return plan_epoch(
             self.ss.counts, self.batch_size, self.rank, self.world, self.workers,
-            self.seed, self.epoch, self.shuffle, self.drop_last,
+            self.seed, self.epoch, self.shuffle, self.drop_last, self.remaining,
         )  # fmt: skip
+
+    def sample_rng(self, wid: int) -> np.random.Generator:
+        return _sample_seed(self.seed, self.epoch, self.rank, wid)
+
+    def seq_positions(self, seg: tuple[int, int, int]) -> np.ndarray:
+        """A segment's positions in this epoch's sequence."""
+        order = epoch_order(len(self.ss.counts), self.seed, self.epoch, self.shuffle)
+        start = sum(self.ss.counts[i] for i in order[: order.index(seg[0])])
+        return np.arange(start + seg[1], start + seg[2])
 
     def __len__(self) -> int:
         return self.plan()[1]
@@ -145,21 +165,27 @@ class ShardStream(IterableDataset):
         """Raw samples of the worker's segments, one per source position. The unread tail of a
         truncated or unreadable tar yields ``None`` per missing sample, so every later sample keeps
         its position (and its batch) whatever was lost before it."""
-        for shard, lo, hi in segments:
+        # consecutive segments of one shard (an elastic resume's scattered positions): one pass
+        for shard, group in groupby(segments, key=lambda seg: seg[0]):
+            runs = [(lo, hi) for _, lo, hi in group]
+            want = sum(hi - lo for lo, hi in runs)
             got = 0
             errs: list[Exception] = []
             src = wds.tariterators.tarfile_samples(
                 [{"url": self.ss.urls[shard]}], handler=lambda exn, errs=errs: errs.append(exn) or True
             )
+            r = 0
             for i, sample in enumerate(src):
-                if i >= hi:
+                while r < len(runs) and i >= runs[r][1]:
+                    r += 1
+                if r == len(runs):
                     break
-                if i >= lo:
+                if i >= runs[r][0]:
                     got += 1
                     yield sample
-            if got < hi - lo:
+            if got < want:
                 errors.append(f"{self.ss.urls[shard]}: {errs[:1] or 'short'}")
-                yield from [None] * (hi - lo - got)
+                yield from [None] * (want - got)
 
     def _shuffled(self, it: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         if not self.shuffle or self.shuffle_buffer <= 1:
@@ -201,7 +227,7 @@ class ShardStream(IterableDataset):
         skip_positions = sum(plan.batch_sizes[:skip])
         corrupt, padded = self.start_counts.get(wid, (0, 0))
         errors: list[str] = []
-        source = self._shuffled(self._raw(plan.segments, errors), _sample_seed(self.seed, self.epoch, self.rank, wid))
+        source = self._shuffled(self._raw(plan.segments, errors), self.sample_rng(wid))
         # every position of the block, even if the tars hold fewer samples than the manifest says
         positions = islice(chain(source, repeat(None)), block)
         pool: list[tuple[np.ndarray, int, str]] = []  # the block's first readable samples: padding
@@ -285,6 +311,7 @@ class ShardLoader:
         self._before = (0, 0)  # totals of the epochs before self._epoch
         self._workers: dict[int, tuple[int, int]] = {}  # this epoch, per plan index
         self._workers_before: dict[int, tuple[int, int]] = {}
+        self.elastic: dict | None = None  # {"epoch", "done" (bool mask), "layout_start"}: data/elastic.py
 
     @property
     def corrupt(self) -> int:
@@ -311,7 +338,9 @@ class ShardLoader:
         if epoch != self._epoch:
             self._before, self._workers, self._epoch = (self.corrupt, self.padded), {}, epoch
             self._workers_before = {}
-        self.stream.epoch, self.stream.start_batch = epoch, start_batch
+        el = self.elastic if self.elastic is not None and self.elastic["epoch"] == epoch else None
+        self.stream.remaining = np.flatnonzero(~el["done"]) if el else None
+        self.stream.epoch, self.stream.start_batch = epoch, start_batch - (el["layout_start"] if el else 0)
         self.stream.start_counts = dict(self._workers)
 
     def state_dict(self, before_last_batch: bool = False) -> dict:
@@ -321,7 +350,8 @@ class ShardLoader:
         return {"epoch": self._epoch, "before": list(self._before),
                 "workers": {int(w): list(v) for w, v in workers.items()},
                 "num_samples": self.stream.ss.num_samples,
-                "skipped": [s["file"] for s in self.stream.ss.skipped]}  # fmt: skip
+                "skipped": [s["file"] for s in self.stream.ss.skipped],
+                **({"elastic": pack(self.elastic)} if self.elastic and self.elastic["epoch"] == self._epoch else {})}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         now = [s["file"] for s in self.stream.ss.skipped]
@@ -335,6 +365,7 @@ class ShardLoader:
         self._before = tuple(int(v) for v in state["before"])
         self._workers = {int(w): (int(c), int(p)) for w, (c, p) in state["workers"].items()}
         self._workers_before = dict(self._workers)
+        self.elastic = unpack(state["elastic"], self.stream.ss.num_samples) if "elastic" in state else None
 
     def __len__(self) -> int:
         return len(self.stream)

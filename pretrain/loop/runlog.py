@@ -21,9 +21,11 @@ W&B summary). The method only returns tensors; this is where the numbers reach t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from selfsup.config import Config, to_dict
 from selfsup.pretrain.methods.base import COLLAPSE_LOG
+from selfsup.pretrain.run.rundir import RunDirError, checkpoint_dir, latest_checkpoint
 
 
 class CollapseWarning(UserWarning):
@@ -109,10 +112,14 @@ class RunLog:
         if len(keep) == len(lines):
             return 0
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write("".join(r + "\n" for r in keep))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                f.write("".join(r + "\n" for r in keep))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(f"cannot rewrite {self.path} for the resume", e) from e
         os.replace(tmp, self.path)
         return len(lines) - len(keep)
 
@@ -125,14 +132,39 @@ class RunLog:
             if message is not None:
                 warnings.warn(message, CollapseWarning, stacklevel=2)
                 self.summary({"collapse_step": step})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(json.dumps(row) + "\n", step)
         self.rows += 1
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
             shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "img_per_s")}
             self.bar.set_postfix(shown, refresh=False)
+
+    def _append(self, line: str, step: int) -> None:
+        """One row, whole or not at all: a write that fails (a full disk, a quota) cuts the file
+        back to its last complete row and stops the run with an error that says what is intact."""
+        with open(self.path, "ab", buffering=0) as f:  # unbuffered: nothing left to fail at close
+            end = f.seek(0, os.SEEK_END)
+            try:
+                data = line.encode()
+                while data:
+                    data = data[f.write(data):]
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    f.truncate(end)
+                raise self._write_error(f"cannot append step {step} to {self.path}", e) from e
+
+    def _write_error(self, what: str, e: OSError) -> RunDirError:
+        try:
+            latest = latest_checkpoint(checkpoint_dir(self.run_dir))
+        except RunDirError:
+            latest = None
+        free = shutil.disk_usage(self.run_dir).free / 2**20
+        return RunDirError(
+            f"{what} ({e.strerror or e}); {free:.1f} MiB free in {self.run_dir}. The last checkpoint, "
+            f"{latest or 'none yet'}, is intact and metrics.jsonl ends with a complete row: free some "
+            "space, then --resume auto continues from that checkpoint"
+        )
 
     def advance(self, n: int = 1) -> None:
         self.step += n

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -15,6 +16,7 @@ from accelerate.utils import set_seed
 from selfsup.config import Config, ConfigError
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method, data_info
+from selfsup.pretrain.data.elastic import consumed_mask
 from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
 from selfsup.pretrain.distributed import convert_allreduce_batchnorm
 from selfsup.pretrain.loop.optim import build_optimizer, build_scheduler
@@ -113,16 +115,19 @@ def restore(cfg: Config, accelerator: Accelerator, parts: Parts, data: Data, ckp
     if found is None:
         set_seed(cfg.train.seed + rank, device_specific=False)  # different augmentations per rank
         return Position(), None
-    _check_compatible(state, accelerator.num_processes, cfg)
+    elastic = _check_compatible(state, accelerator.num_processes, cfg)
     parts.method.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
+    pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+    if elastic:
+        _restore_elastic(cfg, accelerator, data, state, pos)
+        return pos, state
     set_rng_state(state["rng"][rank])
     if "loader" in state:  # corrupt/padded counters (checkpoints before they existed lack it)
         data.loader.load_state_dict(state["loader"][rank])
-    pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
     accelerator.print(f"resumed from {found} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch_in_epoch})")
     return pos, state
 
@@ -142,11 +147,49 @@ def checkpoint_state(cfg: Config, accelerator: Accelerator, parts: Parts, pos: P
     }  # fmt: skip
 
 
-def _check_compatible(state: dict, world: int, cfg: Config) -> None:
-    """The data position only means the same thing with the same world size, workers and batch."""
+def _restore_elastic(cfg: Config, accelerator: Accelerator, data: Data, state: dict, pos: Position) -> None:
+    """Another layout (processes, workers, per-process batch): mark the positions of this epoch the
+    checkpoint's layout had consumed (``data/elastic.py``), re-split the rest over the new ranks.
+    Each rank's RNG is seeded afresh; the counters of unreadable samples go to rank 0."""
+    rank, loader = accelerator.process_index, data.loader
+    old = state["loader"][0]
+    set_seed(cfg.train.seed + 7919 * (pos.step + 1) + rank, device_specific=False)
+    loader.load_state_dict({**old, "workers": {}, "before": [
+        sum(s["before"][i] + sum(v[i] for v in s["workers"].values()) for s in state["loader"]) if rank == 0 else 0
+        for i in (0, 1)]})  # fmt: skip
+    prior = loader.elastic if loader.elastic is not None and loader.elastic["epoch"] == pos.epoch else None
+    old_micro = state["batch_in_epoch"] * state["accumulate"] - (prior["layout_start"] if prior else 0)
+    done = consumed_mask(
+        ShardStream, loader.stream.ss, batch=state["global_batch"] // (state["world_size"] * state["accumulate"]),
+        world=state["world_size"], workers=state["workers"], seed=cfg.train.seed, epoch=pos.epoch,
+        shuffle_buffer=cfg.data.shuffle_buffer, remaining=np.flatnonzero(~prior["done"]) if prior else None,
+        micro_batches=old_micro,
+    )  # fmt: skip
+    if prior:
+        done |= prior["done"]
+    loader.elastic = {"epoch": pos.epoch, "done": done, "layout_start": pos.batch_in_epoch * cfg.train.accumulate}
+    accelerator.print(
+        f"elastic resume at step {pos.step} (epoch {pos.epoch}): checkpoint layout {state['world_size']} process(es) x "
+        f"{state['workers']} worker(s), now {accelerator.num_processes} x {cfg.data.workers}; {int(done.sum())} samples "
+        f"of this epoch already trained on, the other {int((~done).sum())} re-split over the new ranks. NOT bitwise: "
+        "the rest of the run differs from an uninterrupted one (other sample order and augmentation draws)"
+    )  # fmt: skip
+
+
+def _check_compatible(state: dict, world: int, cfg: Config) -> bool:
+    """The data position only means the same thing with the same world size, workers and batch;
+    with ``train.resume_elastic`` a different layout (same global batch) resumes elastically (True)."""
     want = {"world_size": world, "workers": cfg.data.workers, "global_batch": cfg.data.batch_size,
             "accumulate": cfg.train.accumulate}  # fmt: skip
     diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
-    if diff:
-        desc = ", ".join(f"{k}: checkpoint {a}, now {b}" for k, (a, b) in diff.items())
-        raise TrainingError(f"cannot resume exactly with a different setup ({desc})")
+    if not diff:
+        return False
+    desc = ", ".join(f"{k}: checkpoint {a}, now {b}" for k, (a, b) in diff.items())
+    if cfg.train.resume_elastic and "global_batch" not in diff and "loader" in state:
+        return True
+    if cfg.train.resume_elastic:
+        raise TrainingError(f"cannot resume elastically ({desc}): the global batch data.batch_size must stay the same")
+    raise TrainingError(
+        f"cannot resume exactly with a different setup ({desc}); train.resume_elastic=true continues "
+        "with the global sample position kept (not bitwise, see docs/reliability_elastic.md)"
+    )

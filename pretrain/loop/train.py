@@ -151,7 +151,7 @@ class Trainer:
                                     no_sync=lambda: acc.no_sync(self.model))  # fmt: skip
         self.guard = FiniteGuard(acc.device, check_grads=acc.scaler is None)  # fp16: the scaler's job
         self.max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
-        self.nan_skips, self.grad_norm = 0, float("nan")
+        self.nan_skips, self.grad_norm, self.epoch_short = 0, float("nan"), False
         self.t_last, self.wait, self.busy, self.images_seen = time.perf_counter(), 0.0, 0.0, 0
         self.model.train()
 
@@ -160,7 +160,10 @@ class Trainer:
         acc = self.tc.accumulate
         self.data.loader.set_epoch(self.pos.epoch, self.pos.batch_in_epoch * acc)
         remaining = (self.data.steps_per_epoch - self.pos.batch_in_epoch) * acc  # whole steps only
-        return islice(self.data.loader, remaining)
+        # after an elastic resume the epoch's rest, re-split, may hold a step less than planned
+        left = (len(self.data.loader) - self.data.loader.stream.start_batch) // acc * acc
+        self.epoch_short = left < remaining
+        return islice(self.data.loader, min(remaining, left))
 
     # ---- one optimiser step: train.accumulate micro-batches, then the update every rank agrees on
     def optimiser_step(self, batches: Iterator[dict]) -> StepResult | None:
@@ -275,7 +278,8 @@ class Trainer:
                            self.accelerator.device, self.main, self.run_dir, self.log)  # fmt: skip
 
     def end_epoch(self) -> None:
-        if self.pos.batch_in_epoch != self.data.steps_per_epoch:
+        if self.pos.batch_in_epoch != self.data.steps_per_epoch and not (
+                self.epoch_short and self.pos.step < self.data.total_steps):
             return  # the run ended inside the epoch (train.max_steps)
         self.pos.epoch += 1
         self.pos.batch_in_epoch = 0

@@ -1,9 +1,13 @@
 """One writer per run directory: ``<run_dir>/.lock``, held by rank 0 of the run that writes.
 
-The lock is an exclusive ``fcntl.flock`` on ``.lock`` plus what is written inside it: the holder's
-host, pid, process start time, start time and ``SLURM_JOB_ID`` / ``SLURM_RESTART_COUNT`` (JSON).
-The kernel drops a flock when its process dies, so on one machine a crashed holder never blocks
-anyone; a clean exit also empties the file. What the next writer does:
+The lock is an exclusive POSIX record lock (``fcntl.lockf``) on ``.lock`` plus what is written
+inside it: the holder's host, pid, process start time, start time and ``SLURM_JOB_ID`` /
+``SLURM_RESTART_COUNT`` (JSON). The kernel drops the lock when its process dies, so on one machine
+a crashed holder never blocks anyone. A record lock and not a ``flock``: a flock is shared with
+every forked child (DataLoader workers, W&B's service), which outlive a SIGKILLed trainer by
+seconds and would keep its lock; record locks are not inherited, and network file systems carry
+them more often. A clean exit also empties the file. What the next writer does (below, "flock"
+means this lock):
 
 * flock refused: a live process holds it (on this host, or on another one where the shared file
   system carries flocks): ``RunLockError`` naming the holder; ``selfsup pretrain`` exits 2 before
@@ -39,6 +43,7 @@ import time
 from pathlib import Path
 
 LOCK_FILE = ".lock"
+_HELD: set[Path] = set()  # run directories this process holds
 
 
 class RunLockError(RuntimeError):
@@ -126,7 +131,9 @@ class RunLock:
     @staticmethod
     def _take(fd: int, path: Path, run_dir: Path, break_lock: bool) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if path.resolve() in _HELD:  # record locks are per process: this one already writes here
+                raise BlockingIOError(errno.EWOULDBLOCK, "held by this process")
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunLockError(f"{path}: cannot lock the run directory ({e})") from e
@@ -166,6 +173,7 @@ class RunLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(me) + "\n").encode())
         os.fsync(fd)
+        _HELD.add(path.resolve())
 
     def release(self) -> None:
         """Empty the file (a clean end: the next run needs no take-over) and drop the flock."""
@@ -174,6 +182,7 @@ class RunLock:
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
         with contextlib.suppress(OSError):
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+        _HELD.discard(self.path.resolve())
         self.fd = -1
