@@ -16,8 +16,6 @@ micro-batch instead of per optimiser step (the bugs of lightly-train #968 / ligh
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
+from torchrun import save_and_leave
+from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import ConfigError, load_config
 from selfsup.data_info import DataInfo
@@ -276,18 +276,12 @@ def _worker(out_path: str) -> None:
     for c, r in zip(centres, res.values(), strict=True):  # every rank must hold the same centre
         torch.distributed.all_reduce(c.copy_(r["center"]), op=torch.distributed.ReduceOp.MAX)
         r["centre_spread"] = (c - r["center"]).abs().max()
-    if rank == 0:
-        torch.save(res, out_path)
+    save_and_leave(res, out_path)
 
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("dino_ddp") / "results.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return run_two_processes(__file__, tmp_path_factory.mktemp("dino_ddp") / "results.pt")
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
