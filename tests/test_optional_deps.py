@@ -1,4 +1,4 @@
-"""tests/test_export.py on a machine where torchvision is installed but built for another torch:
+"""tests/test_export_interop.py on a machine where torchvision is installed but built for another torch:
 its torchvision test must skip with that reason, not fail. A real torchvision wheel (0.29.1,
 which cannot load beside the CPU torch 2.13 these machines carry) is installed into a private
 folder with pip and put on the path of a pytest subprocess."""
@@ -34,7 +34,7 @@ def broken_torchvision(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_tests_skip_when_torchvision_cannot_load(broken_torchvision: Path) -> None:
     here = Path(__file__).parent
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                        str(here / "test_export.py"), "-k", "torchvision"],
+                        str(here / "test_export_interop.py"), "-k", "torchvision"],
                        env={**os.environ, "PYTHONPATH": str(broken_torchvision)}, capture_output=True, text=True,
                        timeout=600, cwd=here.parent)  # fmt: skip
     out = r.stdout + r.stderr
