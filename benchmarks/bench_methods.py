@@ -1,4 +1,4 @@
-"""Training-step speed of SimCLR, BYOL, SimSiam, MoCo v3, VICReg and Barlow Twins: same batch, same backbone.
+"""Training-step speed of SimCLR, BYOL, SimSiam, MoCo v3, VICReg, Barlow Twins and DINO: same batch, same backbone.
 
 Each method is built from its demo recipe (``configs/<method>_demo.yaml``: small ResNet, 28x28
 Fashion-MNIST images, CPU-sized heads) and timed on the same uint8 batch of the embedded data, in
@@ -11,7 +11,9 @@ interleaved so that a busy machine slows them alike).
 What to expect: BYOL runs the backbone four times per step (two views through the online network
 with gradients, two through the target without), SimCLR and SimSiam twice, so BYOL costs about
 one extra forward pass (~1/3 of a forward+backward); SimSiam's and BYOL's per-view forward passes
-are two half-size calls where SimCLR makes one call on both views.
+are two half-size calls where SimCLR makes one call on both views. DINO (its demo: 2 global crops
+at 28 px + 4 local crops at 12 px) runs the student on all six views with gradients and the teacher
+on the two global ones; the local crops cost (12/28)^2 ~ 0.18 of a global one each.
 
     .venv/bin/python benchmarks/bench_methods.py                     # ~1-2 min on 2 busy cores
     .venv/bin/python benchmarks/bench_methods.py --batch 128 --steps 10 --threads 1
@@ -34,7 +36,7 @@ from selfsup.pretrain.data.datasets import embedded
 from selfsup.pretrain.loop.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("simclr", "byol", "simsiam", "mocov3", "vicreg", "barlow_twins")
+METHODS = ("simclr", "byol", "simsiam", "mocov3", "vicreg", "barlow_twins", "dino")
 
 
 def build(name: str, batch: int, info: DataInfo, overrides: list[str]):

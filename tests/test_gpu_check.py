@@ -15,7 +15,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-PARTS = ("demo", "views", "infonce", "train", "determinism")
+PARTS = ("demo", "views", "infonce", "train", "determinism", "dino")
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,9 @@ def test_dry_run_writes_every_part_with_numbers(tmp_path):
     assert number(t["resnet18_32px torch.compile(eager)"]["compile_s"])
     loop = t["resnet18_32px selfsup pretrain"]
     assert number(loop["img_s"]) and 0 <= loop["data_wait"] <= 1
+    for key in ("vit_s16_224px", "vit_s16_224px_ibot_koleo"):  # the DINO multi-crop step, bf16
+        row = parts["dino"]["results"][key]
+        assert number(row["ms"]) and number(row["img_s"]) and row["loss_finite"] is True, row
     d = parts["determinism"]["results"]["two runs"]
     assert len(d["loss_abs_diff_per_step"]) == d["steps"]
     assert d["identical"] is True  # on CPU training is deterministic

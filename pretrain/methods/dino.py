@@ -26,6 +26,20 @@ per micro-batch) all-reduces them over processes, divides and updates ``c`` — 
 the step used the old centre, as in the paper. So N processes x A micro-batches give the centre one
 process gives on the whole batch (checked in tests/test_dino.py), whatever the split.
 
+Bytes moved per step (the centre all-reduce; fp32; ring all-reduce: each process sends and
+receives ``2 (P - 1)/P`` x the tensor; once per optimiser step, whatever the batch or
+``train.accumulate``): the sum ``[K]`` and count ``[1]``, ``(K + 1) 4 = 262,148 B`` at K = 65536;
+with iBOT on, its patch centre's ``[K_p + 1]`` travels in the same message (``524,296 B``);
+KoLeo moves nothing (ibot.py):
+
+    processes |  DINO centre  | DINO + iBOT centres
+    2         |    262,148 B  |    524,296 B
+    8         |    458,759 B  |    917,518 B
+    64        |    516,104 B  |  1,032,208 B
+
+For scale: DDP's gradient all-reduce of ViT-S/16 + DINO head (~44 M parameters, 168 MiB) moves
+``2 (P - 1)/P`` x 168 MiB per process per step: the centres are ~0.3 % of it.
+
 Teacher: ``teacher <- tau_k teacher + (1 - tau_k) student`` after step ``k`` (0-based) with BYOL's
 cosine rate from ``tau_base`` (0.996) to 1 (``byol.momentum_tau``; DINO's ``momentum_schedule``).
 Teacher temperature: ``warmup_teacher_temp`` (0.04) rising linearly to ``teacher_temp`` (0.07)
@@ -47,6 +61,9 @@ mean of ``p_t``: how many prototypes the batch uses; 1 = one prototype for every
 ``kl`` (KL(p_t || p_s) averaged over the loss's pairs). Every ``watch_every`` steps rank 0 reads
 them (one host sync) and warns once per mode when two checks in a row find it
 (``DINOCollapseWarning``).
+
+DINOv2 options (ViT): ``ibot_weight`` (iBOT masked-patch loss, own centre), ``koleo_weight``
+(KoLeo, over each rank's forward-pass batch): formulas, centre and batch choice in ``ibot.py``.
 
 Precision: the centre, the softmaxes and the loss run in fp32 (fp64 for fp64 models) with
 autocast off; the networks run under whatever autocast the loop sets.
@@ -74,6 +91,8 @@ from selfsup.pretrain.distributed import get_rank, get_world_size
 from selfsup.pretrain.methods.base import COLLAPSE_LOG, Logs, Method
 from selfsup.pretrain.methods.byol import ema_update, momentum_tau
 from selfsup.pretrain.methods.dino_parts import DINOHead, cls_attention, features, ramp, steps_of
+from selfsup.pretrain.methods.ibot import MaskedPatches, check_dinov2, ibot_loss, sample_masks
+from selfsup.pretrain.methods.ibot import koleo_loss as koleo_loss
 from selfsup.pretrain.methods.registry import register_method
 from selfsup.pretrain.methods.siamese import collapse_std
 from selfsup.pretrain.models.vit import VisionTransformer
@@ -108,6 +127,13 @@ class DINOConfig:
     local_solarize_p: float = 0.0
     export: str = "teacher"  # teacher | student: the network `backbone.*` is (evaluated, exported)
     watch_every: int = 100  # steps between collapse checks (one host sync each); 0 = never
+    # DINOv2 (ibot.py; dinov2 ssl_default_config.yaml): 0 = off, i.e. plain DINO
+    ibot_weight: float = 0.0  # ibot.loss_weight 1.0: the masked-patch loss (ViT only)
+    ibot_mask_prob: float = 0.5  # ibot.mask_sample_probability
+    ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)  # ibot.mask_ratio_min_max
+    ibot_separate_head: bool = False  # ibot.separate_head (false: the DINO head on patch tokens)
+    ibot_out_dim: int = 0  # prototypes of the separate head; 0 = out_dim (ibot.head_n_prototypes)
+    koleo_weight: float = 0.0  # dino.koleo_loss_weight 0.1
 
     def check(self) -> None:
         for key in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers"):
@@ -177,6 +203,7 @@ class DINO(Method):
         super().__init__(cfg, backbone, views, info)
         cfg.check()
         self.is_vit = isinstance(backbone, VisionTransformer)
+        check_dinov2(cfg, self.is_vit)
         size = views.size
         local = cfg.local_size or max(1, round(size * 96 / 224))
         if self.is_vit and not cfg.local_size:
@@ -196,6 +223,15 @@ class DINO(Method):
                                      cfg.head_layers, cfg.norm_last_layer)  # fmt: skip
         self.teacher_backbone = copy.deepcopy(backbone)
         self.teacher_head = copy.deepcopy(self.student_head)
+        self.ibot: MaskedPatches | None = None
+        self.student_ibot_head = self.teacher_ibot_head = None
+        if cfg.ibot_weight > 0:
+            k_patch = cfg.ibot_out_dim or cfg.out_dim
+            self.ibot = MaskedPatches(backbone.feature_dim, cfg.out_dim if not cfg.ibot_separate_head else k_patch)
+            if cfg.ibot_separate_head:
+                self.student_ibot_head = DINOHead(backbone.feature_dim, k_patch, cfg.hidden_dim, cfg.bottleneck_dim,
+                                                  cfg.head_layers, cfg.norm_last_layer)  # fmt: skip
+                self.teacher_ibot_head = copy.deepcopy(self.student_ibot_head)
         for p in self.teacher_parameters():
             p.requires_grad_(False)
         # `backbone.*` is what eval, periodic kNN and export read: the network `export` names
@@ -207,7 +243,7 @@ class DINO(Method):
         self.register_buffer("center_sum", torch.zeros(1, k), persistent=False)
         self.register_buffer("center_count", torch.zeros(()), persistent=False)
         # DDP would broadcast rank 0's accumulators over the others' (they are per process by design)
-        self._ddp_params_and_buffers_to_ignore = ["center_sum", "center_count"]
+        self._ddp_params_and_buffers_to_ignore = ["center_sum", "center_count", "ibot.center_sum", "ibot.center_count"]
         # what the next optimiser step uses (set from the step alone in after_step)
         self.register_buffer("teacher_temp", torch.tensor(ramp(0, steps_of(cfg.teacher_temp_warmup, 1),
                                                                cfg.warmup_teacher_temp, cfg.teacher_temp)))  # fmt: skip
@@ -224,10 +260,12 @@ class DINO(Method):
         return grad * (1.0 - self.last_layer_frozen).to(grad.dtype)
 
     def student_parameters(self) -> Iterable[nn.Parameter]:
-        return itertools.chain(self.student_backbone.parameters(), self.student_head.parameters())
+        extra = self.student_ibot_head.parameters() if self.student_ibot_head is not None else ()
+        return itertools.chain(self.student_backbone.parameters(), self.student_head.parameters(), extra)
 
     def teacher_parameters(self) -> Iterable[nn.Parameter]:
-        return itertools.chain(self.teacher_backbone.parameters(), self.teacher_head.parameters())
+        extra = self.teacher_ibot_head.parameters() if self.teacher_ibot_head is not None else ()
+        return itertools.chain(self.teacher_backbone.parameters(), self.teacher_head.parameters(), extra)
 
     def no_weight_decay(self) -> set[str]:
         nwd = getattr(self.student_backbone, "no_weight_decay", None)
@@ -243,25 +281,49 @@ class DINO(Method):
     def forward(self, images: Tensor) -> tuple[Tensor, Logs]:
         return self.loss_from_views(*self.multi_crop(images))
 
-    def loss_from_views(self, global_views: list[Tensor], local_views: list[Tensor]) -> tuple[Tensor, Logs]:
-        """Loss of aligned batches of float views; adds the teacher outputs to the step's centre sum."""
-        n, g = global_views[0].shape[0], len(global_views)
+    def loss_from_views(self, global_views: list[Tensor], local_views: list[Tensor],
+                        masks: Tensor | None = None) -> tuple[Tensor, Logs]:  # fmt: skip
+        """Loss of aligned batches of float views; adds the teacher outputs to the step's centre
+        sums. ``masks``: iBOT's ``[G * n, patches]`` bool (global views stacked); drawn if None."""
+        n, g, cfg = global_views[0].shape[0], len(global_views), self.cfg
         if g < 2:
             raise ValueError(f"method.dino.global_crops: the loss needs >= 2 global views, got {g}")
-        feats = [features(self.student_backbone, torch.cat(global_views))]
+        glob = torch.cat(global_views)
+        if self.ibot is not None:
+            if masks is None:
+                masks = sample_masks(g * n, self.student_backbone.num_patches, cfg.ibot_mask_prob,
+                                     tuple(cfg.ibot_mask_ratio), glob.device)  # fmt: skip
+            s_tokens = self.ibot.student_tokens(self.student_backbone, glob, masks)
+            feats = [s_tokens[:, 0]]
+        else:
+            feats = [features(self.student_backbone, glob)]
+        cls_global = feats[0]
         if local_views:
             feats.append(features(self.student_backbone, torch.cat(local_views)))
         student = self.student_head(torch.cat(feats)).split(n)
         with torch.no_grad():
-            t_feat = self.teacher_backbone(torch.cat(global_views))
+            t_tokens = self.teacher_backbone.forward_features(glob) if self.ibot is not None else None
+            t_feat = t_tokens[:, 0] if t_tokens is not None else self.teacher_backbone(glob)
             teacher = self.teacher_head(t_feat)
-        loss, p_t = dino_loss(list(student), list(teacher.split(n)), self.center,
-                              self.cfg.student_temp, self.teacher_temp)  # fmt: skip
+        loss, p_t = dino_loss(list(student), list(teacher.split(n)), self.center, cfg.student_temp, self.teacher_temp)
+        logs: Logs = {}
+        if self.ibot is not None:
+            s_head, t_head = self.student_ibot_head or self.student_head, self.teacher_ibot_head or self.teacher_head
+            with torch.no_grad():
+                t_patch = t_head(t_tokens[:, 1:][masks])
+            l_ibot, _ = ibot_loss(s_head(s_tokens[:, 1:][masks]), t_patch, masks, self.ibot.center,
+                                  cfg.student_temp, self.teacher_temp)  # fmt: skip
+            loss, logs["ibot"] = loss + cfg.ibot_weight * l_ibot, l_ibot.detach()
+            if self.training:
+                self.ibot.accumulate(t_patch)
+        if cfg.koleo_weight > 0:  # over this forward pass's images, per global view (ibot.py)
+            l_koleo = sum(koleo_loss(c) for c in cls_global.split(n))
+            loss, logs["koleo"] = loss + cfg.koleo_weight * l_koleo, l_koleo.detach()
         with torch.no_grad():
             if self.training:  # the centre moves in after_step, from every micro-batch of every rank
                 self.center_sum += teacher.to(self.center_sum.dtype).sum(0, keepdim=True)
                 self.center_count += teacher.shape[0]
-            logs = self._watch_logs(loss.detach(), p_t)
+            logs.update(self._watch_logs(loss.detach(), p_t))
             logs[COLLAPSE_LOG] = collapse_std(t_feat)
         return loss, logs
 
@@ -280,7 +342,11 @@ class DINO(Method):
     def after_step(self, step: int, total_steps: int) -> None:
         """Centre from the whole step's teacher outputs, then the EMA teacher, then the schedules."""
         cfg = self.cfg
-        stats = self.reduce_over_processes(torch.cat([self.center_sum.flatten(), self.center_count.view(1)]))
+        own = torch.cat([self.center_sum.flatten(), self.center_count.view(1)])
+        stats = self.reduce_over_processes(torch.cat([own, self.ibot.stats()]) if self.ibot is not None else own)
+        if self.ibot is not None:  # one message for both centres
+            self.ibot.update_center(stats[own.numel():], cfg.center_momentum)
+            stats = stats[: own.numel()]
         count = stats[-1]
         batch_center = (stats[:-1] / count.clamp(min=1)).view_as(self.center)
         m = cfg.center_momentum
