@@ -253,7 +253,7 @@ class Distill(Method):
     @torch.no_grad()
     def teacher_features(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
         """The frozen teacher's global embedding and map of the (student-normalised) views, as
-        ordinary fp32 tensors (inference-mode outputs cloned so autograd may save them)."""
+        ordinary tensors of at least fp32 (inference-mode outputs cloned so autograd may save them)."""
         teacher, p = self.teacher, next(self.teacher.parameters())
         if (p.device, p.dtype) != (v.device, v.dtype):  # views are fp32 (fp64 in the exactness tests)
             teacher.to(v.device, v.dtype)
@@ -261,7 +261,8 @@ class Distill(Method):
             v = (self.views.to_unit(v) - _col(self.teacher_info.mean, v)) / _col(self.teacher_info.std, v)
         with torch.inference_mode(), self._teacher_precision(v.device):
             g, m = embed(teacher, v)
-        return g.float().clone(), None if m is None or self.map_head is None else m.float().clone()
+        up = torch.promote_types(g.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
+        return g.to(up).clone(), None if m is None or self.map_head is None else m.to(up).clone()
 
     def loss_from_view(self, v: Tensor) -> tuple[Tensor, Logs]:
         """Loss of one batch of float views (the same views for teacher and student)."""
