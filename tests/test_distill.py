@@ -120,6 +120,8 @@ def teacher_leaks(model: Distill, before: dict[str, torch.Tensor], optimizer: to
     ids = {id(p) for p in model.teacher.parameters()}
     out += ["in the optimiser" for g in optimizer.param_groups for p in g["params"] if id(p) in ids][:1]
     out += [f"in the state dict: {k}" for k in model.state_dict() if k.startswith("teacher.")][:1]
+    tree = {id(t) for t in (*model.parameters(), *model.buffers())}  # what DDP syncs and broadcasts
+    out += ["in the module tree" for t in (*model.teacher.parameters(), *model.teacher.buffers()) if id(t) in tree][:1]
     return out + (["train mode"] if model.teacher.training else [])
 
 
@@ -148,13 +150,14 @@ def _steps(model: Distill, n: int = 3) -> list[str]:
     return teacher_leaks(model, before, opt)
 
 
-def test_teacher_gets_no_gradient_and_stays_bitwise_unchanged(teacher: Path) -> None:
-    model = _model(teacher, "method.distill.map_weight=0.5").train()
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_teacher_gets_no_gradient_and_stays_bitwise_unchanged(teacher: Path, precision: str) -> None:
+    model = _model(teacher, "method.distill.map_weight=0.5", f"method.distill.teacher_precision={precision}").train()
     assert _steps(model) == []
     assert not any(k.startswith("teacher") and k != "teacher_sha256" for k in model.state_dict())
 
 
-def test_planted_train_mode_teacher_and_gradient_teacher_are_caught(teacher: Path) -> None:
+def test_planted_train_mode_gradient_and_registered_teachers_are_caught(teacher: Path) -> None:
     model = _model(teacher).train()
     model.teacher.train()  # planted: BN of the teacher in train mode moves its running statistics
     leaks = _steps(model)
@@ -164,6 +167,9 @@ def test_planted_train_mode_teacher_and_gradient_teacher_are_caught(teacher: Pat
     planted = GradientTeacher(cfg.method.distill, build_backbone(cfg.model, 1, SIDE),
                               _model(teacher).views, INFO).train()  # fmt: skip
     assert any(x.startswith("grad: ") for x in _steps(planted))
+    registered = _model(teacher).train()
+    registered.add_module("teacher_net", registered.teacher)  # planted: a submodule DDP would sync
+    assert "in the module tree" in _steps(registered)
 
 
 def test_bad_teacher_input_is_named_before_any_step(teacher: Path, tmp_path: Path) -> None:
