@@ -265,8 +265,8 @@ RUN = ["method.name=distill", *STUDENT, "data.batch_size=32", "data.workers=1", 
        "train.checkpoint_every=3", "train.keep_checkpoints=0", "method.distill.map_weight=0.5"]  # fmt: skip
 
 
-@pytest.mark.slow  # two short CLI runs
-def test_resume_is_bitwise_and_checkpoints_and_export_hold_the_student_only(tmp_path: Path) -> None:
+@pytest.mark.slow  # three short CLI runs
+def test_bad_teacher_stops_the_cli_before_a_step_and_resume_is_bitwise_with_the_student_only(tmp_path: Path) -> None:
     from selfsup.pretrain.data.datasets import ArraySource, embedded
     from selfsup.pretrain.data.shards import ShardOptions, write_shards
 
@@ -275,6 +275,9 @@ def test_resume_is_bitwise_and_checkpoints_and_export_hold_the_student_only(tmp_
     sub = ArraySource("small", src.images[:256], src.labels[:256], src.classes)
     write_shards(iter(sub), shards, sub.classes, ShardOptions(samples_per_shard=128, progress=False))
     teacher28 = write_export(tmp_path / "teacher28", size=28, mean=0.286)
+    bad = cli_pretrain(tmp_path / "bad", str(shards), [*RUN, f"method.distill.teacher={tmp_path / 'nowhere'}"])
+    assert bad.returncode != 0 and "method.distill.teacher" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+    assert not list((tmp_path / "bad").glob("checkpoints/*.pt")) and not (tmp_path / "bad" / "metrics.jsonl").exists()
     args = [*RUN, f"method.distill.teacher={teacher28}"]
     ref, run = tmp_path / "ref", tmp_path / "resumed"
     r = cli_pretrain(ref, str(shards), args)
