@@ -121,7 +121,8 @@ def _load_teacher(path: str) -> Teacher:
                          "--run RUN --out FOLDER writes one)")  # fmt: skip
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"{key}: {folder} is not a folder (give the export folder of the teacher)")
+        raise ValueError(f"{key}: {folder} is not a folder (give the teacher's export folder: selfsup export "
+                         "--run RUN --out FOLDER writes one, selfsup demo writes runs/demo/export)")  # fmt: skip
     weights, meta_path = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
     if not weights.is_file():
         hint = (f"; {folder} is a run directory: export it first with selfsup export --run {folder} --out FOLDER"
