@@ -316,7 +316,7 @@ def test_train_step_on_uint8_images_in_gradcache_mode(accelerator) -> None:
 
 def test_registry_builds_simclr_and_names_unknown_methods() -> None:
     assert set(METHODS) == {"simclr", "simclr_ae", "mae", "dae", "ae", "sparse_ae", "cae", "vae", "beta_vae", "byol",
-                            "simsiam", "mocov3", "vicreg", "barlow_twins", "dino"}
+                            "simsiam", "mocov3", "vicreg", "barlow_twins", "dino", "distill"}
     cfg = _config()
     assert isinstance(build_method(cfg, INFO), SimCLR)
     cfg.method.name = "byol9"

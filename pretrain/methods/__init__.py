@@ -14,6 +14,7 @@ from selfsup.pretrain.methods import (  # noqa: F401  (registers them)
     cae,
     dae,
     dino,
+    distill,
     mae,
     mocov3,
     simclr,
