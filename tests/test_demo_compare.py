@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from selfsup.config import load_config
-from selfsup.launch.demo.compare import CONFIGS, Entry, assign_baselines, demo_methods
+from selfsup.launch.demo.compare import CONFIGS, Entry, assign_baselines, demo_methods, pick_methods
 from selfsup.pretrain.data.datasets import ArraySource, embedded
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
 from selfsup.pretrain.methods import METHODS
@@ -63,6 +63,14 @@ def test_demo_methods_are_the_demo_recipes_of_registered_methods():
     assert set(found) == expected
     assert {"simclr", "ae", "dae", "mae"} <= set(found)  # dae and mae: the renamed recipes
     assert all(path.is_file() for path in found.values())
+
+
+def test_all_methods_leave_out_distill_which_needs_a_teacher_unless_named():
+    found = demo_methods()
+    assert "distill" in found
+    default = pick_methods(None, found)
+    assert "distill" not in default and set(default) == set(found) - {"distill"}
+    assert list(pick_methods("distill,simclr", found)) == ["distill", "simclr"]
 
 
 def test_unknown_method_is_an_error_before_anything_runs(tmp_path):

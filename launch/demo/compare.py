@@ -69,9 +69,15 @@ def demo_methods(configs: Path = CONFIGS) -> dict[str, Path]:
 
 
 def pick_methods(spec: str | None, available: dict[str, Path]) -> dict[str, Path]:
-    """The ``--methods`` subset in the order given (all when None); an unknown name is an error."""
+    """The ``--methods`` subset in the order given; an unknown name is an error. Without
+    ``--methods``: every recipe except those that need another run's export (``distill`` learns the
+    demo's exported backbone: name it in ``--methods`` after ``make demo``)."""
     if spec is None:
-        return dict(available)
+        needs_teacher = [n for n, p in available.items() if _needs_teacher(p)]
+        if needs_teacher:
+            print(f"demo --compare: leaving out {', '.join(needs_teacher)} (it needs a teacher export; "
+                  "name it in --methods to include it)", flush=True)
+        return {n: p for n, p in available.items() if n not in needs_teacher}
     names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
     unknown = [n for n in names if n not in available]
     if unknown or not names:
@@ -80,6 +86,13 @@ def pick_methods(spec: str | None, available: dict[str, Path]) -> dict[str, Path
             f"{', '.join(available)} (the <name> of each {CONFIGS}/<name>{RECIPE_SUFFIX})"
         )
     return {n: available[n] for n in names}
+
+
+def _needs_teacher(recipe: Path) -> bool:
+    import yaml
+
+    method = (yaml.safe_load(recipe.read_text()) or {}).get("method") or {}
+    return isinstance(method, dict) and method.get("name") == "distill"
 
 
 @dataclass
