@@ -110,6 +110,7 @@ def kill_tree(proc: subprocess.Popen) -> str:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
+    psutil.wait_procs(tree, timeout=60)  # the ranks too: a next run must not meet them still alive
     return out or ""
 
 

@@ -66,6 +66,11 @@ def _alive(pid: int, start: str | None) -> bool:
         return False
     except PermissionError:
         pass
+    try:  # a zombie (killed, not yet reaped) holds no lock and writes nothing
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        pass
     now = _proc_start(pid)
     return start is None or now is None or now == start
 
