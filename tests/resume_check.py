@@ -55,6 +55,21 @@ def cli_pretrain(run_dir: Path, shards: str, run_args: list[str], *extra: str, w
     return subprocess.run(cmd, env=CLI_ENV, capture_output=True, text=True, timeout=600)
 
 
+def cli_kill_then_resume(tmp_path: Path, shards: str, run_args: list[str], low: int,
+                         high: int) -> tuple[Path, Path, int, str]:
+    """The run SIGKILLed after a checkpoint in [low, high) (alone: a reference run beside it could
+    let it finish), then the uninterrupted reference, then ``--resume auto`` of the killed run.
+    Returns (reference dir, killed dir, the step it was killed after, the resume's stdout)."""
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    proc = cli_pretrain(run, shards, run_args, wait=False)
+    killed_at = sigkill_after_a_checkpoint(proc, run, low, high)
+    r = cli_pretrain(ref, shards, run_args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli_pretrain(run, shards, run_args, "--resume", "auto")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    return ref, run, killed_at, r.stdout
+
+
 def sigkill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path, low: int, high: int) -> int:
     """SIGKILL ``proc`` once its run has a checkpoint at or after a random step in [low, high);
     returns that checkpoint's step."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
+from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
 
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
@@ -116,13 +116,7 @@ RUN = [*SMALL, "method.byol.tau_base=0.9", "data.batch_size=32", "data.workers=1
 
 @pytest.mark.slow  # three short CLI runs (~30 s on 2 shared cores)
 def test_sigkill_then_resume_is_bitwise_equal_including_the_target(tmp_path: Path, small_shards: str) -> None:
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    proc = cli_pretrain(run, small_shards, RUN, wait=False)  # alone: a reference run beside it could let it finish
-    sigkill_after_a_checkpoint(proc, run, 3, 7)
-    r = cli_pretrain(ref, small_shards, RUN)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = cli_pretrain(run, small_shards, RUN, "--resume", "auto")
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    ref, run, _, _ = cli_kill_then_resume(tmp_path, small_shards, RUN, 3, 7)
 
     a = same_final_models(ref, run)
     assert any(k.startswith("target_backbone.") for k in a)

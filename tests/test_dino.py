@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
+from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
 from torchrun import save_and_leave
 from torchrun import two_process_results as run_two_processes
 
@@ -229,6 +229,22 @@ class _ViewsIn(torch.nn.Module):
         return self.method.loss_from_views(glob, loc)
 
 
+def take_step(model: DINO, net, opt, micro_batch, accumulate: int, ddp: bool):
+    """One optimiser step as the training loop takes it: ``accumulate`` micro-batches
+    (``micro_batch(i)`` -> the forward's arguments), DDP's gradient sync on the last one only, then
+    the optimiser and ``after_step``. Returns (mean loss, the last forward's logs, gradients)."""
+    total, logs = 0.0, {}
+    for i in range(accumulate):
+        with net.no_sync() if ddp and i < accumulate - 1 else torch.enable_grad():
+            loss, logs = net(*micro_batch(i))
+            (loss / accumulate).backward()
+        total += loss.detach() / accumulate
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    opt.step()
+    model.after_step(1, TOTAL)
+    return total, logs, grads
+
+
 def _step(variant: str, rows: slice, accumulate: int, ddp: bool) -> dict:
     """One optimiser step as pretrain/train.py takes it; returns what the step produced."""
     model = _model("method.dino.freeze_last_layer=0", cls=VARIANTS[variant]).double().train()
@@ -238,16 +254,8 @@ def _step(variant: str, rows: slice, accumulate: int, ddp: bool) -> dict:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     glob, loc = _rows(_views(torch.float64), rows)
     n = glob[0].shape[0] // accumulate
-    total = 0.0
-    for i in range(accumulate):
-        part = _rows((glob, loc), slice(i * n, (i + 1) * n))
-        with net.no_sync() if ddp and i < accumulate - 1 else torch.enable_grad():
-            loss, _ = net(*part)
-            (loss / accumulate).backward()
-        total += loss.detach() / accumulate
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-    opt.step()
-    model.after_step(1, TOTAL)
+    total, _, grads = take_step(model, net, opt, lambda i: _rows((glob, loc), slice(i * n, (i + 1) * n)),
+                                accumulate, ddp)  # fmt: skip
     return {"loss": _mean_over_processes(total), "grads": grads, "center": model.center.clone(),
             "teacher": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("teacher_")}}  # fmt: skip
 
@@ -334,13 +342,7 @@ RUN = [*HEAD, *RESNET, "method.dino.local_size=12", "method.dino.teacher_temp_wa
 
 @pytest.mark.slow  # three short CLI runs
 def test_sigkill_then_resume_is_bitwise_equal_teacher_centre_and_schedules(tmp_path: Path, small_shards: str) -> None:
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    proc = cli_pretrain(run, small_shards, RUN, wait=False)  # alone: a reference run beside it could let it finish
-    sigkill_after_a_checkpoint(proc, run, 3, 7)
-    r = cli_pretrain(ref, small_shards, RUN)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = cli_pretrain(run, small_shards, RUN, "--resume", "auto")
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    ref, run, _, _ = cli_kill_then_resume(tmp_path, small_shards, RUN, 3, 7)
     a = same_final_models(ref, run)
     assert {"center", "teacher_temp", "tau", "last_layer_frozen"} <= a.keys()
     assert "center_sum" not in a  # the step's accumulator is empty between steps and not saved

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import test_dino as td
 import torch
-from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
+from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
 from scipy.spatial import cKDTree
 
 from selfsup.config import load_config
@@ -27,7 +27,7 @@ from selfsup.pretrain.build import build_method
 from selfsup.pretrain.methods.dino import DINO
 from selfsup.pretrain.methods.ibot import MaskedPatches, ibot_loss, koleo_loss, sample_masks
 
-GLOBAL_N, HEAD, INFO, RESNET, TOTAL, VIT = td.GLOBAL_N, td.HEAD, td.INFO, td.RESNET, td.TOTAL, td.VIT
+GLOBAL_N, HEAD, INFO, RESNET, VIT = td.GLOBAL_N, td.HEAD, td.INFO, td.RESNET, td.VIT
 PerRankCentre, _mean_over_processes, _model, _rel = td.PerRankCentre, td._mean_over_processes, td._model, td._rel
 
 IBOT = ["method.dino.ibot_weight=1.0", "method.dino.freeze_last_layer=0"]
@@ -128,17 +128,12 @@ def _step(variant: str, rows: slice, accumulate: int, ddp: bool, extra: tuple[st
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     glob, loc, masks = _part(_data(), rows)
     n = glob[0].shape[0] // accumulate
-    total, logs = 0.0, {}
-    for i in range(accumulate):
+
+    def micro_batch(i: int):
         sl = slice(i * n, (i + 1) * n)
-        part_masks = masks.view(2, -1, PATCHES)[:, sl].flatten(0, 1)
-        with net.no_sync() if ddp and i < accumulate - 1 else torch.enable_grad():
-            loss, logs = net([v[sl] for v in glob], [v[sl] for v in loc], part_masks)
-            (loss / accumulate).backward()
-        total += loss.detach() / accumulate
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-    opt.step()
-    model.after_step(1, TOTAL)
+        return [v[sl] for v in glob], [v[sl] for v in loc], masks.view(2, -1, PATCHES)[:, sl].flatten(0, 1)
+
+    total, logs, grads = td.take_step(model, net, opt, micro_batch, accumulate, ddp)
     return {"loss": _mean_over_processes(total), "grads": grads, "center": model.center.clone(),
             "ibot_center": model.ibot.center.clone(), "koleo": _mean_over_processes(logs.get("koleo", total)),
             "teacher": {k: v.clone() for k, v in model.state_dict().items() if k.startswith("teacher_")}}  # fmt: skip
@@ -221,13 +216,7 @@ RUN = [*HEAD, *VIT, *IBOT, "method.dino.koleo_weight=0.1", "method.dino.local_si
 
 @pytest.mark.slow  # three short CLI runs
 def test_sigkill_then_resume_is_bitwise_with_ibot_and_koleo(tmp_path: Path, small_shards: str) -> None:
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    proc = cli_pretrain(run, small_shards, RUN, wait=False)
-    sigkill_after_a_checkpoint(proc, run, 2, 4)
-    r = cli_pretrain(ref, small_shards, RUN)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = cli_pretrain(run, small_shards, RUN, "--resume", "auto")
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    ref, run, _, _ = cli_kill_then_resume(tmp_path, small_shards, RUN, 2, 4)
     a = same_final_models(ref, run)
     assert {"ibot.center", "ibot.mask_token", "center"} <= a.keys() and "ibot.center_sum" not in a
     assert float(a["ibot.center"].abs().sum()) > 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_check import cli_pretrain, jsonl_rows, same_final_models, sigkill_after_a_checkpoint
+from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
 from test_siamese_bn import _bn_stats, _grads, _mean_over_processes, _rel_err
 from test_simclr import _max_rel_err, all_reduce_mean
 from torchrun import save_and_leave
@@ -340,15 +340,9 @@ RUN = [*HEADS, *RESNET, "data.batch_size=32", "data.workers=1", "optim.name=sgd"
 
 @pytest.mark.slow  # three short CLI runs (~30 s on 2 shared cores)
 def test_sigkill_then_resume_is_bitwise_equal_including_the_momentum_encoder(tmp_path: Path, small_shards: str) -> None:
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    proc = cli_pretrain(run, small_shards, RUN, wait=False)  # alone: a reference run beside it would let it finish
-    killed_at = sigkill_after_a_checkpoint(proc, run, 4, 13)
+    ref, run, killed_at, resumed = cli_kill_then_resume(tmp_path, small_shards, RUN, 4, 13)
     assert killed_at < 40
-    r = cli_pretrain(ref, small_shards, RUN)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = cli_pretrain(run, small_shards, RUN, "--resume", "auto")
-    assert f"at step {killed_at} " in r.stdout, r.stdout  # resumed where it was killed
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    assert f"at step {killed_at} " in resumed, resumed  # resumed where it was killed
     a = same_final_models(ref, run)
     assert any(k.startswith("momentum_projector.") and "running_var" in k for k in a)
     # 40 optimiser steps of 2 micro-batches each: 40 EMA updates, not 80
