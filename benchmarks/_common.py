@@ -177,6 +177,17 @@ def catch_oom(fn: Callable[[], dict], dev: Device) -> dict:
     return {"oom": True, "error": message}
 
 
+def bf16_step(method: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, dev: Device) -> torch.Tensor:
+    """One training step of ``method`` on a uint8 batch under bf16 autocast: forward (views
+    included), backward, optimiser step, gradients cleared. Returns the loss (not synced)."""
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        loss, _ = method(images)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 # ---- deadlines and results --------------------------------------------------------------------
 class Deadline:
     """A part's time cap, checked between measurements (a running measurement is not cut)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from _common import ROOT, Part, catch_oom
+from _common import ROOT, Part, bf16_step, catch_oom
 from bench_augment import MEAN, STD
 
 from selfsup.config import load_config
@@ -39,14 +39,9 @@ def dino_step(ctx, run: dict, extra: tuple[str, ...]) -> dict:
     step = [0]
 
     def full() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss, _ = method(images)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        losses.append(bf16_step(method, opt, images, dev))
         step[0] += 1
         method.after_step(step[0], 1000)
-        losses.append(loss.detach())
 
     base = dev.mem_reset()
     t = dev.time_ms(full, run["reps"], warmup=run["warmup"])

@@ -23,6 +23,7 @@ from _common import (
     Device,
     Part,
     SyncCounter,
+    bf16_step,
     build_method,
     build_optimizer,
     build_views,
@@ -290,11 +291,7 @@ def step_figures(m: Model, ctx: Ctx, backend: str | None) -> dict:
     backbone = method.backbone
 
     def full() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss, _ = method(images)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bf16_step(method, opt, images, dev)
 
     def bare() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16):
