@@ -53,31 +53,36 @@ RESERVED = ("run_dir=", "data.train=", "data.test=")  # set per method / shared 
 
 def demo_methods(configs: Path = CONFIGS) -> dict[str, Path]:
     """``<name> -> recipe`` for every ``configs/<name>_demo.yaml`` naming a registered method."""
-    import yaml
-
     from selfsup.pretrain.methods import METHODS
 
-    found = {}
-    for path in sorted(configs.glob(f"*{RECIPE_SUFFIX}")):
-        try:
-            method = (yaml.safe_load(path.read_text()) or {}).get("method") or {}
-        except (yaml.YAMLError, AttributeError):
-            continue
-        if isinstance(method, dict) and method.get("name") in METHODS:
-            found[path.name[: -len(RECIPE_SUFFIX)]] = path
-    return found
+    return {path.name[: -len(RECIPE_SUFFIX)]: path for path in sorted(configs.glob(f"*{RECIPE_SUFFIX}"))
+            if recipe_method(path) in METHODS}  # fmt: skip
+
+
+def recipe_method(recipe: Path) -> str | None:
+    """The ``method.name`` a recipe names (None when it names none or is not YAML)."""
+    import yaml
+
+    try:
+        method = (yaml.safe_load(recipe.read_text()) or {}).get("method") or {}
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return method.get("name") if isinstance(method, dict) else None
 
 
 def pick_methods(spec: str | None, available: dict[str, Path]) -> dict[str, Path]:
     """The ``--methods`` subset in the order given; an unknown name is an error. Without
-    ``--methods``: every recipe except those that need another run's export (``distill`` learns the
-    demo's exported backbone: name it in ``--methods`` after ``make demo``)."""
+    ``--methods``: every recipe except those whose method needs another run (``Method.needs``, e.g.
+    ``distill`` learns the demo's exported backbone: name it in ``--methods`` after ``make demo``)."""
     if spec is None:
-        needs_teacher = [n for n, p in available.items() if _needs_teacher(p)]
-        if needs_teacher:
-            print(f"demo --compare: leaving out {', '.join(needs_teacher)} (it needs a teacher export; "
-                  "name it in --methods to include it)", flush=True)
-        return {n: p for n, p in available.items() if n not in needs_teacher}
+        from selfsup.pretrain.methods import METHODS
+
+        needs = {n: METHODS[recipe_method(p)].cls.needs for n, p in available.items()}
+        for n, what in needs.items():
+            if what:
+                print(f"demo --compare: leaving out {n}: it needs {what}; name it in --methods to include it",
+                      flush=True)  # fmt: skip
+        return {n: p for n, p in available.items() if not needs[n]}
     names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
     unknown = [n for n in names if n not in available]
     if unknown or not names:
@@ -86,13 +91,6 @@ def pick_methods(spec: str | None, available: dict[str, Path]) -> dict[str, Path
             f"{', '.join(available)} (the <name> of each {CONFIGS}/<name>{RECIPE_SUFFIX})"
         )
     return {n: available[n] for n in names}
-
-
-def _needs_teacher(recipe: Path) -> bool:
-    import yaml
-
-    method = (yaml.safe_load(recipe.read_text()) or {}).get("method") or {}
-    return isinstance(method, dict) and method.get("name") == "distill"
 
 
 @dataclass

@@ -54,6 +54,8 @@ class Method(nn.Module):
     owns_backward: bool = False  # True: the loop calls ``train_step`` instead of ``forward``
     # which network ``backbone.*`` is, for the export's model card (one line)
     exported: ClassVar[str] = "the backbone the method trains (`backbone.*` of the checkpoint)"
+    # what a run of it needs from another run (empty: nothing); `demo --compare` of every method leaves it out
+    needs: ClassVar[str] = ""
 
     def __init__(self, cfg: Any, backbone: nn.Module, views: Views, info: DataInfo) -> None:
         super().__init__()

@@ -205,6 +205,7 @@ class Distill(Method):
         "the student backbone (`backbone.*`); the frozen teacher is not in the checkpoint (its "
         "folder is `method.distill.teacher` of config.yaml, its weights' sha256 `teacher_sha256`)"
     )
+    needs: ClassVar[str] = "a teacher export (method.distill.teacher; make demo writes runs/demo/export)"
 
     def __init__(self, cfg: DistillConfig, backbone: nn.Module, views: Views, info: DataInfo):
         super().__init__(cfg, backbone, views, info)
