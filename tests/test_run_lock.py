@@ -93,6 +93,31 @@ def test_a_file_system_without_flock_still_sees_a_live_holder(tmp_path: Path) ->
     RunLock.acquire(tmp_path).release()
 
 
+def test_a_killed_holder_not_yet_reaped_is_dead(tmp_path: Path) -> None:
+    """A SIGKILLed trainer stays in the process table (a zombie) until its parent reaps it; it holds
+    no lock and writes nothing, so it is taken over, and it is refused again once it is running."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        def write_holder() -> None:
+            (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": child.pid,
+                                                          "pid_start": _proc_start(child.pid), "started": "x"}))  # fmt: skip
+
+        write_holder()
+        with pytest.raises(RunLockError, match=f"pid {child.pid} .* is alive"):  # running: refused
+            RunLock.acquire(tmp_path)
+        os.kill(child.pid, 9)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        write_holder()  # still in the process table, not reaped: os.kill(pid, 0) succeeds on it
+        os.kill(child.pid, 0)
+        RunLock.acquire(tmp_path).release()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_other_host_needs_break_lock_except_a_requeue_of_the_same_job(
     tmp_path: Path, small_shards: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:

@@ -50,13 +50,18 @@ class RunLockError(RuntimeError):
     """Another writer holds the run directory (``selfsup pretrain`` exits 2)."""
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _proc_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None
 
 
 def _alive(pid: int, start: str | None) -> bool:
@@ -66,12 +71,10 @@ def _alive(pid: int, start: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    try:  # a zombie (killed, not yet reaped) holds no lock and writes nothing
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    except (OSError, IndexError):
-        pass
-    now = _proc_start(pid)
+    stat = _proc_stat(pid)
+    if stat and stat[0] == "Z":  # a zombie (killed, not yet reaped) holds no lock and writes nothing
+        return False
+    now = stat[19] if stat else None
     return start is None or now is None or now == start
 
 
