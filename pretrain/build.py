@@ -8,6 +8,7 @@ from selfsup.config import Config, ConfigError
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.methods import Method, method_entry
 from selfsup.pretrain.models.backbones import build_backbone
+from selfsup.pretrain.models.weights import InitReport, load_into
 
 
 def data_info(cfg: Config, channels: int, image_size: int, mean, std) -> DataInfo:
@@ -21,14 +22,22 @@ def data_info(cfg: Config, channels: int, image_size: int, mean, std) -> DataInf
     return DataInfo(channels, image_size, tuple(mean), tuple(std))
 
 
-def build_method(cfg: Config, info: DataInfo) -> Method:
+def build_method(cfg: Config, info: DataInfo, init: bool = False) -> Method:
     """The method ``cfg.method.name`` for data described by ``info``. A ValueError raised while
-    building (a decoder that cannot reach the input size, ...) becomes a ConfigError."""
+    building (a decoder that cannot reach the input size, ...) becomes a ConfigError.
+
+    ``init``: load ``model.init``'s weights into the backbone (a fresh run; a resume takes its
+    weights from the checkpoint) BEFORE the method is built, so the networks a method copies from
+    the backbone (BYOL's target, DINO's teacher, MoCo's momentum encoder) start from them too; what
+    was loaded is ``method.init_report``."""
     try:
         entry = method_entry(cfg.method.name)
         views = build_views(cfg.augment, info)
         backbone = build_backbone(cfg.model, info.channels, views.size)
-        return entry.cls(getattr(cfg.method, entry.name), backbone, views, info)
+        report: InitReport | None = load_into(backbone, cfg.model) if init and cfg.model.init else None
+        method = entry.cls(getattr(cfg.method, entry.name), backbone, views, info)
+        method.init_report = report
+        return method
     except ConfigError:
         raise
     except ValueError as e:

@@ -21,7 +21,7 @@ from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
 from selfsup.pretrain.distributed import convert_allreduce_batchnorm
 from selfsup.pretrain.loop.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.methods import Method
-from selfsup.pretrain.run.rundir import resume_state, set_rng_state
+from selfsup.pretrain.run.rundir import list_checkpoints, resume_state, set_rng_state
 
 
 class TrainingError(RuntimeError):
@@ -47,6 +47,7 @@ class Parts:
     method: Method
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    init: dict | None = None  # where model.init's weights came from (path, sha256), kept by resumes
 
 
 @dataclass
@@ -88,11 +89,12 @@ def build_data(cfg: Config, accelerator: Accelerator) -> Data:
     return Data(info, loader, steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
 
-def build_parts(cfg: Config, accelerator: Accelerator, data: Data) -> Parts:
-    """The method with the same initial weights on every rank, its optimiser and schedule."""
+def build_parts(cfg: Config, accelerator: Accelerator, data: Data, fresh: bool = True) -> Parts:
+    """The method with the same initial weights on every rank (``model.init``'s on a ``fresh``
+    start: every rank reads the same file), its optimiser and schedule."""
     tc = cfg.train
     set_seed(tc.seed)
-    model = build_method(cfg, data.info)  # a ValueError while building is a ConfigError
+    model = build_method(cfg, data.info, init=fresh)  # a ValueError while building is a ConfigError
     if tc.sync_bn and accelerator.num_processes > 1:  # SyncBatchNorm needs CUDA; elsewhere our twin
         cuda = accelerator.device.type == "cuda"
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if cuda else convert_allreduce_batchnorm(model)
@@ -101,8 +103,19 @@ def build_parts(cfg: Config, accelerator: Accelerator, data: Data) -> Parts:
     optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, model.no_weight_decay(),
                                 model.param_groups_options())  # trainable parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, data.total_steps)
+    report = model.init_report
+    if report is not None:
+        for line in report.lines():
+            accelerator.print(line)
+    init = {"path": report.source, "sha256": report.sha256, "kind": report.kind} if report else None
     model, optimizer = accelerator.prepare(model, optimizer)
-    return Parts(model, accelerator.unwrap_model(model), optimizer, scheduler)
+    return Parts(model, accelerator.unwrap_model(model), optimizer, scheduler, init)
+
+
+def starts_fresh(ckpt_dir: Path, resume: str | None) -> bool:
+    """Whether ``restore`` will start from zero: then ``model.init`` is loaded."""
+    return resume is None or (resume == "auto" and not list_checkpoints(ckpt_dir)
+                              and not (ckpt_dir / "latest").is_file())
 
 
 def restore(cfg: Config, accelerator: Accelerator, parts: Parts, data: Data, ckpt_dir: Path,
@@ -117,6 +130,7 @@ def restore(cfg: Config, accelerator: Accelerator, parts: Parts, data: Data, ckp
         return Position(), None
     elastic = _check_compatible(state, accelerator.num_processes, cfg)
     parts.method.load_state_dict(state["model"])
+    parts.init = state.get("init")
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("scaler"):
@@ -143,7 +157,7 @@ def checkpoint_state(cfg: Config, accelerator: Accelerator, parts: Parts, pos: P
         "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
         "world_size": accelerator.num_processes, "workers": cfg.data.workers,
         "global_batch": cfg.data.batch_size, "accumulate": cfg.train.accumulate,
-        "rng": rngs, "loader": loaders, **extra,
+        "rng": rngs, "loader": loaders, "init": parts.init, **extra,
     }  # fmt: skip
 
 

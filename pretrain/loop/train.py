@@ -45,10 +45,17 @@ from selfsup.pretrain.loop.setup import (
     build_parts,
     checkpoint_state,
     restore,
+    starts_fresh,
 )
 from selfsup.pretrain.methods import StepContext
 from selfsup.pretrain.run.lock import RunLock, RunLockError
-from selfsup.pretrain.run.rundir import checkpoint_dir, rng_state, save_checkpoint, write_run_files
+from selfsup.pretrain.run.rundir import (
+    checkpoint_dir,
+    rng_state,
+    save_checkpoint,
+    write_init_report,
+    write_run_files,
+)
 
 __all__ = ["RunLockError", "TrainingError", "train"]
 
@@ -139,14 +146,16 @@ class Trainer:
         self.world, self.main = acc.num_processes, acc.is_main_process
         self.run_dir = Path(cfg.run_dir)
         self.data = build_data(cfg, acc)
-        self.parts = build_parts(cfg, acc, self.data)
-        self.method, self.model = self.parts.method, self.parts.model
         self.ckpt_dir = checkpoint_dir(self.run_dir)
+        self.parts = build_parts(cfg, acc, self.data, fresh=starts_fresh(self.ckpt_dir, resume))
+        self.method, self.model = self.parts.method, self.parts.model
         self.pos, state = restore(cfg, acc, self.parts, self.data, self.ckpt_dir, resume)
         if self.main:
             write_run_files(self.run_dir, cfg, self.data.info)
         self.log = RunLog(self.run_dir, cfg, self.main, self.data.total_steps, self.pos.step,
                           state.get("wandb_id") if state else None, state.get("metrics_rows") if state else None)
+        if self.main and self.method.init_report is not None:  # the key report: init.json and W&B
+            write_init_report(self.run_dir, self.method.init_report, self.log)
         self.step_ctx = StepContext(forward=self.model, backward=acc.backward,
                                     no_sync=lambda: acc.no_sync(self.model))  # fmt: skip
         self.guard = FiniteGuard(acc.device, check_grads=acc.scaler is None)  # fp16: the scaler's job

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from selfsup.augment.views import Views
 from selfsup.data_info import DataInfo
+from selfsup.pretrain.models.weights import InitReport
 
 Logs = dict[str, Tensor]
 COLLAPSE_LOG = "collapse_std"  # the log key the run log watches for representation collapse
@@ -56,6 +57,7 @@ class Method(nn.Module):
     exported: ClassVar[str] = "the backbone the method trains (`backbone.*` of the checkpoint)"
     # what a run of it needs from another run (empty: nothing); `demo --compare` of every method leaves it out
     needs: ClassVar[str] = ""
+    init_report: InitReport | None = None  # what model.init loaded into the backbone (set by build)
 
     def __init__(self, cfg: Any, backbone: nn.Module, views: Views, info: DataInfo) -> None:
         super().__init__()

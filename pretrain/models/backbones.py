@@ -29,6 +29,8 @@ class ModelConfig:
     stem: str = "cifar"  # imagenet (7x7/2 + maxpool) | cifar (3x3/1) | cifar_s2 (3x3/2)
     width: float = 1.0  # channel width multiplier (ResNets)
     patch_size: int = 4  # ViT patch side in pixels
+    init: str = ""  # start from weights: export folder | .safetensors | .pt/.pth | timm:<name>:<file>
+    init_strict: bool = True  # a missing / unexpected / mis-shaped backbone tensor is an error
 
     def check(self) -> None:
         if self.backbone not in known_backbones():
@@ -43,6 +45,8 @@ class ModelConfig:
             raise ValueError(f"model.width: must be > 0, got {self.width}")
         if self.patch_size < 1:
             raise ValueError(f"model.patch_size: must be >= 1, got {self.patch_size}")
+        if self.init.startswith("timm:") and self.init.count(":") < 2:
+            raise ValueError(f"model.init: '{self.init}': timm weights need a local file, timm:<name>:<path>")
 
 
 class BasicBlock(nn.Module):

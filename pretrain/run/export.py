@@ -34,6 +34,7 @@ from selfsup._version import __version__
 from selfsup.config import Config, ConfigError, ModelConfig, from_dict
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.methods import METHODS, Method
+from selfsup.pretrain.models.weights import arch_dict
 from selfsup.pretrain.run import rundir
 from selfsup.pretrain.run.interop import loading_snippet, param_naming, timm_spec
 from selfsup.tables import markdown_table
@@ -65,6 +66,7 @@ class RunCheckpoint:
     info: DataInfo
     backbone_state: dict[str, torch.Tensor]
     step: int
+    init: dict[str, Any] | None = None  # model.init's source (path, sha256) when the run started from weights
 
 
 def backbone_state_dict(
@@ -103,7 +105,8 @@ def read_run(path: str | Path, network: str = "backbone") -> RunCheckpoint:
     except rundir.RunDirError as e:
         raise ExportError(str(e)) from e
     state = backbone_state_dict(ckpt["model"], str(where.checkpoint), f"{network}.")
-    return RunCheckpoint(where.run_dir, where.checkpoint, cfg, info, state, int(ckpt.get("step", 0)))
+    return RunCheckpoint(where.run_dir, where.checkpoint, cfg, info, state, int(ckpt.get("step", 0)),
+                         ckpt.get("init"))
 
 
 def _data_info_from_dict(raw: Any, source: str) -> DataInfo:
@@ -291,6 +294,7 @@ Backbone only (no projection head, no classifier): it maps an image to a
   global batch {cfg.data.batch_size}, optimiser {cfg.optim.name} (base lr {cfg.optim.base_lr},
   weight decay {cfg.optim.weight_decay}), precision {cfg.train.precision}
 - Checkpoint: `{run.checkpoint.name}` of run `{run.run_dir.name}`
+- Initialised from: {f"`{run.init['path']}` ({run.init['kind']}, sha256 `{run.init['sha256']}`)" if run.init else "random weights"}
 
 ## Evaluation
 {_eval_section(run.run_dir)}
@@ -329,7 +333,8 @@ def export_run(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "selfsup_version": __version__,
-        "model": dataclasses.asdict(run.cfg.model),
+        "model": arch_dict(run.cfg.model),
+        "init": run.init,
         "param_naming": param_naming(run.cfg.model, run.info),
         "feature_dim": int(backbone.feature_dim),
         "channels": run.info.channels,

@@ -48,6 +48,7 @@ from selfsup.data_info import DataInfo
 
 CONFIG_FILE = "config.yaml"
 DATA_INFO_FILE = "data_info.json"
+INIT_FILE = "init.json"  # model.init's key report (a run started from weights)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"
@@ -268,6 +269,15 @@ def write_run_files(run_dir: str | Path, cfg: Config, info: DataInfo) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG_FILE)
     (run_dir / DATA_INFO_FILE).write_text(json.dumps(asdict(info), indent=1))
+
+
+def write_init_report(run_dir: str | Path, report: Any, log: Any) -> None:
+    """``model.init``'s key report (a ``pretrain.models.weights.InitReport``) into ``init.json``
+    and, as counts, into the W&B summary (``log``: the run's RunLog)."""
+    (Path(run_dir) / INIT_FILE).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    log.summary({"init/path": report.source, "init/sha256": report.sha256, "init/loaded": len(report.loaded),
+                 "init/missing": len(report.missing), "init/unexpected": len(report.unexpected),
+                 "init/shape_mismatch": len(report.shape), "init/adapted": len(report.adapted)})  # fmt: skip
 
 
 def read_config(run_dir: str | Path) -> Config:
