@@ -41,26 +41,21 @@ Checkpoints hold the student, its maps and ``teacher_sha256`` (the sha256 of the
 file), not the teacher: it is re-loaded from ``method.distill.teacher`` (recorded in the run's
 ``config.yaml``), and loading a checkpoint whose digest differs from the file's is an error, so a
 resume is bitwise (the teacher is a fixed function of its file) without copying it into every
-checkpoint. TODO(lead): when ``model.init`` (pretrain/models/init.py, issue 26 part 1) is on main,
-``_load_teacher`` becomes a build of the teacher's architecture plus ``load_into(...)``, so the
-teacher can also be a torchvision/timm file; today it reads export folders only (a run directory
-needs ``pretrain/run``, which imports ``pretrain/methods``: a cycle).
+checkpoint. The teacher is an export folder (it carries the architecture and normalisation a bare
+torchvision/timm file lacks); a run directory is exported first (``pretrain/run`` imports the
+methods, so reading a run here would be a cycle).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from selfsup.augment.views import Views
@@ -69,13 +64,13 @@ from selfsup.pretrain.distributed import get_rank
 from selfsup.pretrain.methods.base import COLLAPSE_LOG, Logs, Method
 from selfsup.pretrain.methods.registry import register_method
 from selfsup.pretrain.methods.siamese import collapse_std
-from selfsup.pretrain.models.backbones import ModelConfig, build_backbone
+from selfsup.pretrain.models.backbones import build_backbone
 from selfsup.pretrain.models.vit import VisionTransformer
+from selfsup.pretrain.models.weights import read_export
 
 LOSSES = ("cosine", "mse")
 HEADS = ("auto", "linear", "none")
 PRECISIONS = ("fp32", "bf16")
-EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_FORMAT = "backbone.safetensors", "config.json", "selfsup-backbone"
 
 
 @dataclass
@@ -110,11 +105,9 @@ class Teacher:
 
 
 def _load_teacher(path: str) -> Teacher:
-    """The teacher of ``method.distill.teacher``: an export folder of this project, its
-    architecture from its ``config.json``, its weights loaded strictly, frozen and in eval mode.
-
-    Temporary: the lead swaps this for ``model.init``'s ``load_into`` (issue 26 part 1) once both
-    are merged, which adds torchvision/timm files and run directories; the checks stay here."""
+    """The teacher of ``method.distill.teacher``: an export folder of this project (read by
+    ``pretrain/models/weights.py``, as ``model.init`` reads one), its architecture from its
+    ``config.json``, its weights loaded strictly, frozen and in eval mode."""
     key = "method.distill.teacher"
     if not path:
         raise ValueError(f"{key}: no teacher given; set it to an export folder (selfsup export "
@@ -123,34 +116,15 @@ def _load_teacher(path: str) -> Teacher:
     if not folder.is_dir():
         raise ValueError(f"{key}: {folder} is not a folder (give the teacher's export folder: selfsup export "
                          "--run RUN --out FOLDER writes one, selfsup demo writes runs/demo/export)")  # fmt: skip
-    weights, meta_path = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
-    if not weights.is_file():
-        hint = (f"; {folder} is a run directory: export it first with selfsup export --run {folder} --out FOLDER"
-                if (folder / "config.yaml").is_file() else "")  # fmt: skip
-        raise ValueError(f"{key}: {weights} not found (not an export folder{hint})")
+    src = read_export(folder, key)
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{key}: cannot read {meta_path} ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != 2:
-        raise ValueError(f"{key}: {meta_path} is not a {EXPORT_FORMAT} config of format_version 2")
-    arch, known = meta.get("model") or {}, {f.name for f in fields(ModelConfig)}
-    if not isinstance(arch, dict) or set(arch) - known:
-        raise ValueError(f"{key}: {meta_path}: 'model' has unknown fields {sorted(set(arch) - known)}")
-    try:
-        model_cfg = ModelConfig(**arch)
-        model_cfg.check()
-        info = DataInfo(int(meta["channels"]), int(meta["image_size"]),
-                        tuple(map(float, meta["mean"])), tuple(map(float, meta["std"])))  # fmt: skip
-        net = build_backbone(model_cfg, info.channels, info.image_size)
-        net.load_state_dict(load_file(str(weights)), strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        net = build_backbone(src.arch, src.info.channels, src.info.image_size)
+        net.load_state_dict(src.state, strict=True)
+    except (ValueError, RuntimeError) as e:
         raise ValueError(f"{key}: cannot load the teacher from {folder}: {e}") from e
     net.requires_grad_(False)
     net.eval()
-    with weights.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return Teacher(net, info, digest, weights)
+    return Teacher(net, src.info, src.sha256, src.path)
 
 
 def embed(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
