@@ -300,3 +300,25 @@ def test_bad_teacher_stops_the_cli_before_a_step_and_resume_is_bitwise_with_the_
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]).with_name("teacher.txt").read_text(), sys.argv[1])
+
+
+def test_a_torchvision_named_rgb_file_is_a_teacher_with_its_architecture_from_the_config(tmp_path: Path) -> None:
+    """A weights file (as model.init reads one) with method.distill.teacher_*: built for the data's
+    1 channel (the RGB stem summed, timm's rule), frozen, the file's tensors in it; without
+    teacher_backbone the file is refused naming the key."""
+    torch.manual_seed(3)
+    rgb = build_backbone(ModelConfig("resnet_small", "cifar_s2", 0.5), 3, SIDE).state_dict()
+    file = tmp_path / "teacher.pth"
+    torch.save({**rgb, "fc.weight": torch.zeros(10, 256), "fc.bias": torch.zeros(10)}, file)
+    with pytest.raises(ConfigError, match="method.distill.teacher: .*teacher.pth is not a folder.*teacher_backbone"):
+        _model(file)
+    with pytest.raises(ConfigError, match="method.distill.teacher_backbone: unknown backbone 'resnet5'"):
+        _model(file, "method.distill.teacher_backbone=resnet5")
+    model = _model(file, "method.distill.teacher_backbone=resnet_small", "method.distill.teacher_stem=cifar_s2",
+                   "method.distill.teacher_width=0.5")  # fmt: skip
+    got = model.teacher.state_dict()
+    assert torch.equal(got["conv1.weight"], rgb["conv1.weight"].sum(1, keepdim=True))
+    assert all(torch.equal(got[k], v) for k, v in rgb.items() if k != "conv1.weight")
+    assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
+    assert model.teacher_info.mean == INFO.mean  # 1 channel: the data's normalisation by default
+    assert _steps(model.train()) == []  # steps train the student; the teacher stays bitwise the file's

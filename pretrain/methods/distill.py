@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -64,9 +64,9 @@ from selfsup.pretrain.distributed import get_rank
 from selfsup.pretrain.methods.base import COLLAPSE_LOG, Logs, Method
 from selfsup.pretrain.methods.registry import register_method
 from selfsup.pretrain.methods.siamese import collapse_std
-from selfsup.pretrain.models.backbones import build_backbone
+from selfsup.pretrain.models.backbones import ModelConfig, build_backbone
 from selfsup.pretrain.models.vit import VisionTransformer
-from selfsup.pretrain.models.weights import read_export
+from selfsup.pretrain.models.weights import load_into, read_export
 
 LOSSES = ("cosine", "mse")
 HEADS = ("auto", "linear", "none")
@@ -75,7 +75,14 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""  # export folder of the teacher (selfsup export --run RUN --out FOLDER)
+    teacher: str = ""  # export folder (selfsup export), or a weights file as model.init reads one
+    # for a weights file (torchvision/timm names): the teacher's architecture, as model.* says it
+    teacher_backbone: str = ""  # e.g. resnet50, vit_small; empty: the teacher is an export folder
+    teacher_stem: str = "imagenet"
+    teacher_width: float = 1.0
+    teacher_patch_size: int = 16
+    teacher_mean: list[float] = field(default_factory=list)  # its normalisation; empty: ImageNet's
+    teacher_std: list[float] = field(default_factory=list)  # (RGB) or the data's (other channels)
     loss: str = "cosine"  # cosine | mse, on the global embeddings
     head: str = "auto"  # auto (linear when the widths differ) | linear | none: the student's map
     map_weight: float = 0.0  # weight of the feature-map / patch-token term (0: off)
@@ -104,18 +111,44 @@ class Teacher:
     weights: Path
 
 
-def _load_teacher(path: str) -> Teacher:
-    """The teacher of ``method.distill.teacher``: an export folder of this project (read by
-    ``pretrain/models/weights.py``, as ``model.init`` reads one), its architecture from its
-    ``config.json``, its weights loaded strictly, frozen and in eval mode."""
-    key = "method.distill.teacher"
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _load_teacher(cfg: DistillConfig, info: DataInfo, size: int) -> Teacher:
+    """The teacher of ``method.distill.teacher``, frozen and in eval mode: an export folder of this
+    project (its architecture and normalisation from its ``config.json``, weights loaded strictly),
+    or a weights file ``model.init`` reads (torchvision/timm names, ``timm:<name>:<file>``) with
+    the architecture of ``method.distill.teacher_*``, built for the data's channels and the views'
+    size (an RGB stem adapted, a ViT grid resampled: ``pretrain/models/weights.py``)."""
+    key, path = "method.distill.teacher", cfg.teacher
     if not path:
         raise ValueError(f"{key}: no teacher given; set it to an export folder (selfsup export "
-                         "--run RUN --out FOLDER writes one)")  # fmt: skip
+                         "--run RUN --out FOLDER writes one) or a weights file")  # fmt: skip
     folder = Path(path)
+    if cfg.teacher_backbone:
+        arch = ModelConfig(cfg.teacher_backbone, cfg.teacher_stem, cfg.teacher_width, cfg.teacher_patch_size,
+                           init=path)  # fmt: skip
+        try:
+            arch.check()
+        except ValueError as e:
+            raise ValueError(f"{key}_{str(e).removeprefix('model.')}") from e
+        net = build_backbone(arch, info.channels, size)
+        report = load_into(net, arch, key)
+        mean, std = cfg.teacher_mean, cfg.teacher_std
+        if not mean or not std:
+            mean, std = IMAGENET if info.channels == 3 else (info.mean, info.std)
+        t_info = DataInfo(info.channels, size, tuple(map(float, mean)), tuple(map(float, std)))
+        if len(t_info.mean) != info.channels or len(t_info.std) != info.channels:
+            raise ValueError(f"{key}_mean/_std: one value per channel ({info.channels}), got {list(mean)} / {list(std)}")
+        if get_rank() == 0:
+            print("\n".join(line.replace("model.init", key, 1) for line in report.lines()))
+        net.requires_grad_(False)
+        net.eval()
+        return Teacher(net, t_info, report.sha256, Path(report.source))
     if not folder.is_dir():
         raise ValueError(f"{key}: {folder} is not a folder (give the teacher's export folder: selfsup export "
-                         "--run RUN --out FOLDER writes one, selfsup demo writes runs/demo/export)")  # fmt: skip
+                         "--run RUN --out FOLDER writes one, selfsup demo writes runs/demo/export; or a weights "
+                         "file with its architecture in method.distill.teacher_backbone)")  # fmt: skip
     src = read_export(folder, key)
     try:
         net = build_backbone(src.arch, src.info.channels, src.info.image_size)
@@ -184,7 +217,7 @@ class Distill(Method):
     def __init__(self, cfg: DistillConfig, backbone: nn.Module, views: Views, info: DataInfo):
         super().__init__(cfg, backbone, views, info)
         cfg.check()
-        teacher = _load_teacher(cfg.teacher)
+        teacher = _load_teacher(cfg, info, views.size)
         t = teacher.info
         if t.channels != info.channels:
             raise ValueError(f"method.distill.teacher: {cfg.teacher} takes {t.channels}-channel images, "
