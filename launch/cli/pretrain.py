@@ -24,8 +24,9 @@ under <run_dir>/../.shard-cache/ (or $SELFSUP_CACHE) at data.folder_size px, and
 Starting from weights (local files only; the key report goes to <run_dir>/init.json):
   selfsup pretrain ... model.init=runs/demo/export            an export folder of this project
   selfsup pretrain ... model.backbone=resnet50 model.stem=imagenet model.init=/w/resnet50.pth
-  selfsup pretrain ... model.init=timm:vit_small_patch16_224:/w/vit_s.safetensors model.backbone=vit_small \
-      model.patch_size=16            (model.init_strict=false: load what fits; docs/start_from_weights.md)
+  selfsup pretrain ... model.backbone=vit_small model.patch_size=16 \\
+      model.init=timm:vit_small_patch16_224:/w/vit_s.safetensors
+model.init_strict=false loads what fits and keeps the rest random (docs/start_from_weights.md).
 
 Stopping: SIGUSR1 or SIGTERM -> checkpoint at the end of the current step, exit 0.
 Resuming: --resume auto continues from run_dir/checkpoints/latest (same W&B run).
