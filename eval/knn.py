@@ -37,11 +37,13 @@ def l2_normalize(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def build_index(
     feats: torch.Tensor | np.ndarray, kind: str = "flat", nlist: int = 0, nprobe: int = 8,
-    hnsw_m: int = 32, seed: int = 0,
+    hnsw_m: int = 32, seed: int = 0, niter: int = 25, max_points_per_centroid: int = 256,
 ) -> faiss.Index:
     """Inner-product index over L2-normalised ``feats``.
 
-    ``ivf``: ``nlist`` cells (default ≈ 4·√N), ``nprobe`` visited per query. ``hnsw``: graph with
+    ``ivf``: ``nlist`` cells (default ≈ 4·√N), ``nprobe`` visited per query; its k-means runs
+    ``niter`` iterations on at most ``max_points_per_centroid`` × cells rows (FAISS's defaults,
+    25 and 256; eval's automatic choice uses fewer, ``eval.run.AUTO_IVF``). ``hnsw``: graph with
     ``hnsw_m`` links per node. Both are approximate; report their recall with ``approximate_recall``.
     """
     x = l2_normalize(feats)
@@ -55,6 +57,8 @@ def build_index(
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, cells, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
+        index.cp.niter = niter
+        index.cp.max_points_per_centroid = max_points_per_centroid
         index.train(x)
         index.nprobe = min(nprobe, cells)
     elif kind == "hnsw":
@@ -220,3 +224,22 @@ def load_index(directory: str | Path) -> tuple[faiss.Index, np.ndarray, list[str
     items = np.load(d / "items.npz")
     meta = json.loads((d / "index.json").read_text())
     return index, items["labels"], [str(k) for k in items["keys"]], meta
+
+
+def choose_index(requested: str, n: int, threshold: int) -> tuple[str, str]:
+    """(kind, why): ``auto`` is exact ``flat`` below ``threshold`` database items and ``ivf`` from
+    it on (the size where exact search stops paying: ``benchmarks/bench_costs.py --parts eval``);
+    any other kind is taken as asked."""
+    if requested != "auto":
+        return requested, "--index"
+    if n >= threshold:
+        return "ivf", f"auto: {n} database items >= threshold {threshold}"
+    return "flat", f"auto: {n} database items < threshold {threshold}"
+
+
+def recall_sample(n_queries: int, size: int, seed: int) -> np.ndarray:
+    """Row numbers of the queries a recall check uses: all of them when there are at most
+    ``size``, else ``size`` drawn without replacement (seeded), in increasing order."""
+    if n_queries <= size:
+        return np.arange(n_queries)
+    return np.sort(np.random.default_rng(seed).choice(n_queries, size, replace=False))

@@ -34,9 +34,13 @@ from selfsup.eval.inputs import (  # noqa: F401  (re-exported: eval.run is the e
     resolve_checkpoint,
 )
 from selfsup.eval.knn import (
+    INDEX_KINDS,
     approximate_recall,
+    as_numpy,
     build_index,
+    choose_index,
     knn_classify,
+    recall_sample,
     retrieval_metrics,
     save_index,
 )
@@ -53,6 +57,10 @@ DEFAULT_PROTOCOLS = ("linear", "knn", "retrieval", "anomaly", "plot")
 # not in the default set: properties needs shards with factors; lowshot and finetune cost more
 PROTOCOLS = (*DEFAULT_PROTOCOLS, "properties", "lowshot", "finetune")
 BASELINES = ("raw_pixels", "random_init")
+# --index auto (the default): exact search below AUTO_THRESHOLD database items, IVF (these k-means
+# settings, eval/knn.py build_index) from it on; measured in benchmarks/bench_costs.py --parts eval
+AUTO_THRESHOLD = 250_000
+AUTO_IVF = {"nprobe": 16, "niter": 10, "max_points_per_centroid": 64}
 RAW_PIXEL_DIMS = 4096
 
 
@@ -64,7 +72,9 @@ class EvalOptions:
     temperature: float = 0.07
     probe_weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS
     batch_size: int = 512
-    index: str = "flat"  # flat | ivf | hnsw (retrieval database index)
+    index: str = "auto"  # auto | flat | ivf | hnsw (retrieval database index)
+    approx_threshold: int = AUTO_THRESHOLD  # auto: ivf from this many database items on
+    recall_queries: int = 2000  # an approximate index's recall check vs flat: at most this many
     anomaly_classes: list[int] | None = None  # None: every class in turn
     anomaly_k: int = 5
     held_out_classes: list[int] | None = None  # novelty detection; None: the pretraining set's exclusions
@@ -90,6 +100,11 @@ class EvalOptions:
             raise EvalError(f"unknown baseline(s) {bad}; choose from {', '.join(BASELINES)}")
         if not 0.0 < self.novelty_fpr < 1.0:
             raise EvalError(f"--fpr: a false-positive rate in (0, 1), got {self.novelty_fpr}")
+        if self.index not in ("auto", *INDEX_KINDS):
+            raise EvalError(f"--index: '{self.index}' is not one of auto, {', '.join(INDEX_KINDS)}")
+        if self.approx_threshold < 1 or self.recall_queries < 1:
+            raise EvalError(f"approx_threshold and recall_queries must be >= 1, got "
+                            f"{self.approx_threshold} and {self.recall_queries}")
         if self.representation not in REPRESENTATIONS:
             raise EvalError(f"--representation: '{self.representation}' is not one of "
                             f"{', '.join(REPRESENTATIONS)}")
@@ -119,6 +134,21 @@ def evaluate_features(
     extras: dict[str, Any] = {}
     need_index = {"knn", "retrieval"} & set(opts.protocols)
     exact = build_index(train_feats) if need_index else None
+    kind, why = choose_index(opts.index, int(np.asarray(train_feats).shape[0]), opts.approx_threshold)
+    approx = None
+    if need_index and kind != "flat":  # its recall@10 vs flat on (a sample of) the test queries
+        approx = build_index(train_feats, kind=kind, seed=opts.seed,
+                             **(AUTO_IVF if opts.index == "auto" else {}))
+        rows = recall_sample(len(test_feats), opts.recall_queries, opts.seed)
+        metrics["approx_recall@10"] = approximate_recall(exact, approx, as_numpy(test_feats)[rows], 10)
+        extras["index_info"] = {"kind": kind, "chosen": why, "database": len(train_feats),
+                                "recall@10_vs_flat": metrics["approx_recall@10"],
+                                "recall_queries": len(rows), "recall_seed": opts.seed}
+    else:
+        extras["index_info"] = {"kind": "flat", "chosen": why, "database": len(train_feats)}
+    # auto above the threshold: kNN searches the approximate index too (exact search is what
+    # stops paying); an explicit --index ivf|hnsw is for retrieval only, as it always was
+    knn_index = approx if opts.index == "auto" and approx is not None else exact
     if "linear" in opts.protocols:
         metrics.update(linear_probe(train_feats, train_labels, test_feats, test_labels,
                                     opts.probe_weight_decays, seed=opts.seed,
@@ -126,12 +156,9 @@ def evaluate_features(
     if "knn" in opts.protocols:
         metrics.update(knn_classify(train_feats, train_labels, test_feats, test_labels,
                                     k=opts.knn_k, temperature=opts.temperature,
-                                    num_classes=num_classes, index=exact))
+                                    num_classes=num_classes, index=knn_index))
     if "retrieval" in opts.protocols:
-        index = exact
-        if opts.index != "flat":
-            index = build_index(train_feats, kind=opts.index, seed=opts.seed)
-            metrics["approx_recall@10"] = approximate_recall(exact, index, test_feats, 10)
+        index = approx if approx is not None else exact
         metrics.update(retrieval_metrics(train_feats, train_labels, test_feats, test_labels,
                                          index=index))
         extras["index"] = index
@@ -237,6 +264,7 @@ def run_eval(
     anomaly_per_class: dict[str, dict[str, dict[int, float]]] = {}
     notes = list(opts.extra_notes)
     extra_tables: dict[str, dict[str, Any]] = {}
+    index_choice: dict[str, Any] = {}
     for name, (ftr, fte) in feats.items():
         t = time.perf_counter()
         metrics, extras = evaluate_features(ftr, train.labels, fte, test.labels, opts, num_classes)
@@ -246,11 +274,18 @@ def run_eval(
         for key in ("lowshot",):
             if key in extras:
                 extra_tables.setdefault(key, {})[name] = extras[key]
+        info_ix = extras.get("index_info", {})
+        if name == "pretrained":
+            index_choice = info_ix
+        if name == "pretrained" and info_ix.get("kind", "flat") != "flat":
+            notes.append(f"Search index: {info_ix['kind']} ({info_ix['chosen']}); its recall@10 "
+                         f"against exact search: {info_ix['recall@10_vs_flat']:.1f}% on "
+                         f"{info_ix['recall_queries']} test queries (approx_recall@10).")
         if name == "pretrained" and "index" in extras and latent_of is None:
             save_index(out / "index", extras["index"], train.labels, train.keys, {
                 "checkpoint": str(ckpt.resolve()), "weights_hash": weights_hash(backbone),
                 "train_shards": str(Path(train.path).resolve()), "classes": train.classes,
-                "index": opts.index,
+                "index": extras["index_info"]["kind"], "index_choice": extras["index_info"],
             })
         timings[f"protocols_{name}"] = time.perf_counter() - t
 
@@ -339,7 +374,7 @@ def run_eval(
             "representation": describe(opts.representation, latent_of,
                                        models["pretrained"]["feature_dim"]),
             "weights_hash": weights_hash(backbone), "figures": figures, "notes": notes,
-            "timings_s": timings,
+            "timings_s": timings, "index": index_choice,
             "units": "accuracy, recall and mAP in %; AUROC in [0, 1]",
         },
         "models": models,

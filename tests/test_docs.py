@@ -40,7 +40,7 @@ def missing_code_paths(text: str) -> list[str]:
 
 
 def doc_files() -> list[Path]:
-    return [ROOT / "README.md", ROOT / "SLURM.md", *sorted(DOCS.rglob("*.md"))]
+    return [ROOT / "README.md", ROOT / "SLURM.md", ROOT / "SCALING.md", *sorted(DOCS.rglob("*.md"))]
 
 
 def test_every_registered_method_has_a_page_in_the_nav() -> None:

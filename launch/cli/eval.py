@@ -71,9 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="neighbour counts for the kNN classifier (default: 20 200)")
     parser.add_argument("--temperature", type=float, default=0.07,
                         help="kNN vote temperature T in exp(sim/T) (default: 0.07)")
-    parser.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat",
-                        help="retrieval index: exact 'flat' (default), or approximate ivf/hnsw for "
-                        "large sets, whose recall against exact search is reported")
+    parser.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
+                        help="search index: 'auto' (default) is exact 'flat' below 250k train "
+                        "items and IVF from there on (kNN and retrieval); ivf/hnsw force an "
+                        "approximate retrieval index; the recall@10 of an approximate one against "
+                        "exact search on <= 2000 test queries is reported (approx_recall@10, "
+                        "report notes, index/index.json)")
     parser.add_argument("--anomaly-class", type=int, nargs="+", default=None,
                         help="class id(s) to hold out as anomaly (default: every class in turn)")
     parser.add_argument("--held-out-classes", type=int, nargs="+", default=None, metavar="ID",
