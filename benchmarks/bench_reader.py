@@ -154,7 +154,7 @@ def natural(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
 def bare_decode(payload: bytes, enc: str, shape: tuple[int, int, int]) -> np.ndarray:
     """What a decode-only worker does: bytes -> uint8 HWC (PIL; ``draft`` for JPEG, a no-op at full size)."""
     if enc == "raw":
-        return np.frombuffer(payload, np.uint8).reshape(shape)
+        return np.frombuffer(payload, np.uint8).reshape(shape).copy()  # an owned array, as a worker returns
     with Image.open(io.BytesIO(payload)) as im:
         if enc == "jpeg":
             im.draft(im.mode, shape[:2])
