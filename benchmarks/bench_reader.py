@@ -29,7 +29,7 @@ about as well as photographs, unlike the flat procedural shapes). ``--overhead``
 reader worker (``ShardStream``, workers=0, batches collated) against a bare PIL decode loop over
 the same payload bytes, interleaved, at 96 and 224 px RGB, and prints reader/bare:
 
-    .venv/bin/python benchmarks/bench_reader.py --decode-table --overhead
+    .venv/bin/python benchmarks/bench_reader.py --decode-table --overhead --repeats 3
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def main() -> None:
     p.add_argument("--overhead", action="store_true", help="shard reader vs bare decode at --overhead-sizes")
     p.add_argument("--table-sizes", type=int, nargs="+", default=[28, 32, 64, 96, 224])
     p.add_argument("--overhead-sizes", type=int, nargs="+", default=[96, 224])
-    p.add_argument("--overhead-n", type=int, default=1024, help="images per --overhead set")
+    p.add_argument("--overhead-n", type=int, default=2048, help="images per --overhead set")
     args = p.parse_args()
     if args.decode_table or args.overhead:
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
