@@ -21,11 +21,21 @@ blocks the file system allocated: small files each round up to a block).
 
     .venv/bin/python benchmarks/bench_reader.py                      # ~2.5 min on 2 busy cores
     .venv/bin/python benchmarks/bench_reader.py --n 20000 --workers 0 2 4 --repeats 5
+
+``--decode-table`` (the measurement behind ``--encoding auto``, docs/data.md) instead prints bytes
+per image and decode µs per image for raw/PNG/JPEG q95 at 28/32/64/96/224 px, grey and RGB, on
+synthetic images with natural-image statistics (1/f amplitude spectrum: PNG/JPEG compress them
+about as well as photographs, unlike the flat procedural shapes). ``--overhead`` times one shard
+reader worker (``ShardStream``, workers=0, batches collated) against a bare PIL decode loop over
+the same payload bytes, interleaved, at 96 and 224 px RGB, and prints reader/bare:
+
+    .venv/bin/python benchmarks/bench_reader.py --decode-table --overhead --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import tempfile
 import time
@@ -127,6 +137,75 @@ def prepare(name: str, src: ArraySource, tmp: Path, per_shard: int) -> dict[str,
     return folders
 
 
+def natural(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 images ``[size, size, channels]`` with a 1/f amplitude spectrum (natural-image-like)."""
+    rng = np.random.default_rng(seed)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.rfftfreq(size), indexing="ij"))
+    f[0, 0] = 1.0
+    out = np.empty((n, size, size, channels), np.uint8)
+    for i in range(n):
+        spec = (rng.normal(size=(channels, *f.shape)) + 1j * rng.normal(size=(channels, *f.shape))) / f
+        img = np.fft.irfft2(spec, s=(size, size)).transpose(1, 2, 0)
+        img = (img - img.mean()) / (img.std() + 1e-9)
+        out[i] = np.clip(128 + 48 * img, 0, 255).astype(np.uint8)
+    return out
+
+
+def bare_decode(payload: bytes, enc: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """What a decode-only worker does: bytes -> uint8 HWC (PIL; ``draft`` for JPEG, a no-op at full size)."""
+    if enc == "raw":
+        return np.frombuffer(payload, np.uint8).reshape(shape).copy()  # an owned array, as a worker returns
+    with Image.open(io.BytesIO(payload)) as im:
+        if enc == "jpeg":
+            im.draft(im.mode, shape[:2])
+        return np.asarray(im)
+
+
+def decode_table(sizes: list[int], n: int, repeats: int) -> None:
+    print(f"\nbytes/img and decode µs/img (best of {repeats}; {n} synthetic 1/f images per cell)")
+    print(f"{'px':>5}{'ch':>4}" + "".join(f"{e + ' B':>11}{e + ' µs':>10}" for e in ("raw", "png", "jpeg")))
+    for size in sizes:
+        for ch in (1, 3):
+            imgs = natural(n, size, ch)
+            cells = []
+            for enc in ("raw", "png", "jpeg"):
+                payloads = [encode_image(im, enc) for im in imgs]
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for b in payloads:
+                        bare_decode(b, enc, imgs.shape[1:])
+                    best = min(best, (time.perf_counter() - t0) / n)
+                cells.append(f"{np.mean([len(b) for b in payloads]):>11,.0f}{best * 1e6:>10.1f}")
+            print(f"{size:>5}{ch:>4}" + "".join(cells), flush=True)
+
+
+def overhead(sizes: list[int], n: int, batch: int, repeats: int, tmp: Path) -> None:
+    """Shard reader (one worker) vs the bare decode loop over the same bytes, interleaved."""
+    print(f"\nreader vs bare decode, one worker, RGB, {n} images, batch {batch}, best of {repeats} (interleaved)")
+    print(f"{'px':>5}{'enc':>6}{'B/img':>9}{'reader img/s':>14}{'bare img/s':>12}{'overhead':>10}")
+    for size in sizes:
+        imgs = natural(n, size, 3)
+        src = ArraySource(f"n{size}", imgs, np.zeros(n, np.int64), ["x"])
+        for enc in ("raw", "jpeg", "png"):
+            out = tmp / f"ov-{size}-{enc}"
+            opts = ShardOptions(name="train", encoding=enc, samples_per_shard=1000, progress=False)
+            write_shards(iter(src), out, src.classes, opts, total=n)
+            ss = ShardSet.open(out)
+            payloads = [encode_image(im, enc) for im in imgs]
+            rd = bare = 0.0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                k = sum(b["images"].shape[0] for b in ShardLoader(ShardStream(ss, batch, workers=0, seed=0)))
+                rd = max(rd, k / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for b in payloads:
+                    bare_decode(b, enc, imgs.shape[1:])
+                bare = max(bare, n / (time.perf_counter() - t0))
+            print(f"{size:>5}{enc:>6}{np.mean([len(b) for b in payloads]):>9,.0f}{rd:>14,.0f}{bare:>12,.0f}"
+                  f"{bare / rd - 1:>9.1%}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=10000, help="shapes images (the embedded set has 10000)")
@@ -137,7 +216,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="passes per reader (best one reported)")
     p.add_argument("--datasets", nargs="+", default=["fmnist", "shapes"], choices=["fmnist", "shapes"])
     p.add_argument("--tmp", default=None, help="scratch folder (default: a fresh temporary one)")
+    p.add_argument("--decode-table", action="store_true", help="bytes and decode µs per encoding and size")
+    p.add_argument("--overhead", action="store_true", help="shard reader vs bare decode at --overhead-sizes")
+    p.add_argument("--table-sizes", type=int, nargs="+", default=[28, 32, 64, 96, 224])
+    p.add_argument("--overhead-sizes", type=int, nargs="+", default=[96, 224])
+    p.add_argument("--overhead-n", type=int, default=2048, help="images per --overhead set")
     args = p.parse_args()
+    if args.decode_table or args.overhead:
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+        if args.decode_table:
+            decode_table(args.table_sizes, 200, args.repeats)
+        if args.overhead:
+            with tempfile.TemporaryDirectory(dir=args.tmp) as tmpdir:
+                overhead(args.overhead_sizes, args.overhead_n, args.batch, args.repeats, Path(tmpdir))
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
 
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores; "
           f"torch threads {torch.get_num_threads()}; batch {args.batch}; best of {args.repeats}")

@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="train or test (default: train)")
     p.add_argument("--out", help="output folder for NAME-000000.tar ... and manifest.json")
     p.add_argument("--name", default=None, help="shard file prefix (default: the split)")
-    p.add_argument("--encoding", choices=list(ENCODINGS), default=DEFAULT_ENCODING,
-                   help=f"image encoding inside the tar (default: {DEFAULT_ENCODING}, fastest to decode)")
+    p.add_argument("--encoding", choices=["auto", *ENCODINGS], default=DEFAULT_ENCODING,
+                   help=f"image encoding inside the tar (default: {DEFAULT_ENCODING}: raw up to 64x64 px, "
+                        "JPEG q95 above for RGB, PNG above for grey; docs/data.md)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--max-mb", type=float, default=0, help="also cap each shard at this many MB")
     p.add_argument("--size", type=int, default=64, help="folder/list/shapes: output side in pixels (default: 64)")

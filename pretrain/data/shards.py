@@ -38,9 +38,20 @@ from selfsup.pretrain.data.tar_writer import TarWriter
 MANIFEST = "manifest.json"
 FORMAT = "selfsup-shards/1"
 ENCODINGS = {"raw": "u8", "png": "png", "jpeg": "jpg"}
-# Measured on the embedded set (benchmarks/bench_reader.py): raw decodes ~2x faster than PNG at a
-# modest size cost, so it is the default; PNG/JPEG are for large RGB images where bytes dominate.
-DEFAULT_ENCODING = "raw"
+# "auto" (the default) picks one of ENCODINGS from the image size: see ``auto_encoding``.
+DEFAULT_ENCODING = "auto"
+# Measured with ``benchmarks/bench_reader.py --decode-table`` (docs/data.md): below this many pixels
+# raw bytes decode several times faster than PNG/JPEG and the set is small anyway (the demo and
+# test sets, 28-32 px, stay raw); at and above it, RGB is stored as JPEG q95 (~5-8x fewer bytes
+# than raw at 224 px, decode within the budget of one core per worker) and grey as PNG (lossless).
+AUTO_RAW_MAX_PIXELS = 64 * 64
+
+
+def auto_encoding(height: int, width: int, channels: int) -> str:
+    """The encoding ``--encoding auto`` chooses for images of this shape (rule in docs/data.md)."""
+    if height * width <= AUTO_RAW_MAX_PIXELS:
+        return "raw"
+    return "jpeg" if channels == 3 else "png"
 
 
 class ShardWriteError(ValueError):
@@ -113,8 +124,8 @@ def write_shards(
     place at the end, so an interrupted write never leaves a set that looks complete.
     """
     opt = options or ShardOptions()
-    if opt.encoding not in ENCODINGS:
-        raise ShardWriteError(f"encoding must be one of {', '.join(ENCODINGS)}, got {opt.encoding!r}")
+    if opt.encoding not in ENCODINGS and opt.encoding != "auto":
+        raise ShardWriteError(f"encoding must be auto or one of {', '.join(ENCODINGS)}, got {opt.encoding!r}")
     if opt.samples_per_shard <= 0:
         raise ShardWriteError(f"samples_per_shard must be > 0, got {opt.samples_per_shard}")
     out = Path(out_dir)
@@ -127,7 +138,8 @@ def write_shards(
     tmp = temp_dir(out, opt.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    ext = ENCODINGS[opt.encoding]
+    encoding = opt.encoding  # "auto" is resolved from the first sample's shape
+    ext = ENCODINGS.get(encoding, "")
     labelled = bool(classes)
     try:
         specs = check_specs(factors, "write_shards(factors=...)") if factors is not None else None
@@ -158,11 +170,14 @@ def write_shards(
         if shape is None:
             shape = img.shape
             stats = PixelSums(shape[-1])
+            if encoding == "auto":
+                encoding = auto_encoding(*shape)
+                ext = ENCODINGS[encoding]
         elif img.shape != shape:
             raise ShardWriteError(f"sample {s.key}: shape {img.shape} differs from the first sample's {shape}")
         if (s.label >= 0) != labelled:
             raise ShardWriteError(f"sample {s.key}: label {s.label} in a set with {len(classes)} classes")
-        payload = encode_image(img, opt.encoding, opt.jpeg_quality)
+        payload = encode_image(img, encoding, opt.jpeg_quality)
         record = {"__key__": s.key, ext: payload, **({"cls": str(int(s.label))} if labelled else {})}
         if specs is not None:
             try:
@@ -202,7 +217,8 @@ def write_shards(
         "name": opt.name,
         "split": opt.split,
         "source": source,
-        "encoding": opt.encoding,
+        "encoding": encoding,
+        "encoding_requested": opt.encoding,
         "extension": ext,
         "image_size": [shape[0], shape[1]],
         "channels": shape[2],

@@ -152,7 +152,8 @@ class ShardSet:
             img = img.reshape(self.height, self.width, self.channels)
         else:
             with Image.open(io.BytesIO(payload)) as im:
-                img = np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.uint8)
+                mode = "L" if self.channels == 1 else "RGB"
+                img = np.asarray(im if im.mode == mode else im.convert(mode), dtype=np.uint8)
             if img.ndim == 2:
                 img = img[..., None]
             if img.shape != (self.height, self.width, self.channels):

@@ -38,11 +38,11 @@ from itertools import chain, groupby, islice, repeat
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from selfsup.pretrain.data.elastic import pack, to_segments, unpack
 from selfsup.pretrain.data.shardset import ShardError, ShardSet, rank_and_world  # noqa: F401 - re-exported
+from selfsup.pretrain.data.tar_reader import tar_samples
 
 POOL = 256  # readable samples a worker keeps to pad batches with
 
@@ -113,6 +113,14 @@ def _sample_seed(*parts: int) -> np.random.Generator:
     return np.random.default_rng(list(parts))
 
 
+def _samples_or_error(url: str, errs: list[Exception]) -> Iterator[dict]:
+    """The shard's samples (lean tar reader); a read error ends the shard and goes into ``errs``."""
+    try:
+        yield from tar_samples(url)
+    except Exception as exn:  # noqa: BLE001 - truncated, corrupt or unreadable: counted by the caller
+        errs.append(exn)
+
+
 class ShardStream(IterableDataset):
     """Yields dict batches ``{"images": uint8 [B,C,H,W], "labels": int64 [B], "keys": [str],
     "corrupt": int, "padded": int, "worker": int}`` following ``plan_epoch``."""
@@ -171,9 +179,7 @@ class ShardStream(IterableDataset):
             want = sum(hi - lo for lo, hi in runs)
             got = 0
             errs: list[Exception] = []
-            src = wds.tariterators.tarfile_samples(
-                [{"url": self.ss.urls[shard]}], handler=lambda exn, errs=errs: errs.append(exn) or True
-            )
+            src = _samples_or_error(self.ss.urls[shard], errs)
             r = 0
             for i, sample in enumerate(src):
                 while r < len(runs) and i >= runs[r][1]:
