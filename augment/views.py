@@ -25,6 +25,7 @@ import kornia
 import torch
 from torch import nn
 
+from selfsup.augment.ops import gaussian_blur, on_rows, take
 from selfsup.data_info import DataInfo
 
 RECIPES = ("simclr", "byol", "mae", "none")
@@ -313,21 +314,23 @@ class Views(nn.Module):
         return torch.stack([x0, y0, w, h], dim=1)
 
     def apply(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
-        """Apply ``p`` to uint8 ``x`` (already repeated to one row per sample); float in [0, 1]."""
+        """Apply ``p`` to uint8 ``x`` (already repeated to one row per sample); float in [0, 1].
+
+        Each random op runs only on the rows that draw it (``ops.on_rows``): on the CPU the rows are
+        gathered, changed and scattered back; on accelerators the op runs on every row and
+        ``torch.where`` picks (no ``nonzero``, so no host sync).
+        """
         x = x.float().div_(255.0)
         x = self._crop_flip(x, p)
         if self.jitter_p > 0:
-            x = torch.where(p.jitter_on[:, None, None, None], self._jitter(x, p.jitter), x)
+            x = on_rows(x, p.jitter_on, lambda v, i: self._jitter(v, take(p.jitter, i)))
         if self.gray_p > 0:
-            gray = kornia.color.rgb_to_grayscale(x).expand_as(x)
-            x = torch.where(p.gray[:, None, None, None], gray, x)
+            x = on_rows(x, p.gray, lambda v, i: kornia.color.rgb_to_grayscale(v).expand_as(v))
         if max(self.view_blur_p) > 0:
             k = self.blur_kernel
-            sigma = p.sigma[:, None].expand(-1, 2)
-            blurred = kornia.filters.gaussian_blur2d(x, (k, k), sigma, border_type="reflect")
-            x = torch.where(p.blur[:, None, None, None], blurred, x)
+            x = on_rows(x, p.blur, lambda v, i: gaussian_blur(v, take(p.sigma, i), k))
         if max(self.view_solarize_p) > 0:
-            x = torch.where(p.solarize[:, None, None, None], kornia.enhance.solarize(x, 0.5), x)
+            x = on_rows(x, p.solarize, lambda v, i: kornia.enhance.solarize(v, 0.5))
         return x
 
     def _crop_flip(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
