@@ -23,7 +23,7 @@ def on_rows(x: torch.Tensor, mask: torch.Tensor, op) -> torch.Tensor:
         return torch.where(mask[:, None, None, None], op(x, None), x)
     rows = mask.nonzero().squeeze(1)
     if len(rows) == len(x):
-        return op(x, None)
+        return op(x, None).contiguous()  # not a broadcast view: later ops write into it
     if len(rows):
         x.index_copy_(0, rows, op(x.index_select(0, rows), rows))
     return x
