@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --out gpu.json          # one GPU; 8 min at most (the caps)
     python benchmarks/gpu_check.py --dry-run --out dry.json # same code, tiny sizes, CPU, < 1 min
 
-Not yet run on a GPU: the caps (demo 180 s, views 30, infonce 25, train 200, determinism 45, dino 40)
+Not yet run on a GPU: the caps (demo 180 s, views 30, infonce 25, train 200, determinism 45, dino 40, multicrop 40)
 are sized from CPU measurements and H200 estimates; the JSON says what each part reached.
 
 Parts (each has a time cap, checked between measurements: a part that reaches it stops and keeps
@@ -49,6 +49,9 @@ runs; the JSON is rewritten after every measurement, so a killed run still leave
 6 dino         (benchmarks/gpu_dino.py) a DINO ViT-S/16 multi-crop step at 224 px, bf16 autocast
                (2 global + 8 local 96-px crops, 65536 prototypes, batch 64), and the same step
                with the DINOv2 options (iBOT + KoLeo): ms, img_s, peak_mib, loss_finite.
+7 multicrop    (benchmarks/gpu_views.py) DINO's 224-px multi-crop views (2 x 224 + 8 x 96 px,
+               batch 64): ms, img_s, params_on_device, host_syncs_per_batch; and per view op
+               (crop_flip, jitter, blur, apply) eager_ms vs compiled_ms, speedup, compile_s.
 
 --dry-run runs the same code on the CPU at tiny sizes (small backbones, batches, N, steps; the
 "eager" torch.compile backend, i.e. Dynamo tracing without code generation; the demo stopped by
@@ -75,10 +78,11 @@ from _common import ROOT, Deadline, Device, Part, error_summary, write_json
 from gpu_dino import part_dino
 from gpu_parts import DRY, GPU, Ctx
 from gpu_parts import PARTS as BASE_PARTS
+from gpu_views import part_multicrop
 
-PARTS = {**BASE_PARTS, "dino": part_dino}
-CAPS = {"demo": 180, "views": 30, "infonce": 25, "train": 200, "determinism": 45, "dino": 40}  # 9 min at most
-DRY_CAPS = {"demo": 6, "views": 15, "infonce": 10, "train": 40, "determinism": 30, "dino": 20}
+PARTS = {**BASE_PARTS, "dino": part_dino, "multicrop": part_multicrop}
+CAPS = {"demo": 180, "views": 30, "infonce": 25, "train": 200, "determinism": 45, "dino": 40, "multicrop": 40}  # 9.7 min at most
+DRY_CAPS = {"demo": 6, "views": 15, "infonce": 10, "train": 40, "determinism": 30, "dino": 20, "multicrop": 15}
 
 
 def environment(dev: Device) -> dict:

@@ -165,6 +165,7 @@ class TrainConfig:
     max_nan_skips: int = 10  # with nan_policy=skip, give up after this many skipped steps
     dist_timeout_s: int = 300  # a collective waiting longer than this fails instead of hanging
     resume_elastic: bool = False  # --resume on another world size/workers/batch split: global sample position kept, not bitwise
+    compile: bool = False  # torch.compile (Module.compile, in place) of backbone and heads; state-dict names unchanged
 
     def check(self) -> None:
         _one_of("train.precision", self.precision, PRECISIONS)
@@ -172,11 +173,9 @@ class TrainConfig:
         _positive("train", self, "accumulate", "log_every", "dist_timeout_s")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("train.epochs and train.max_steps are both 0: nothing to train")
-        for key in ("max_steps", "checkpoint_every", "keep_checkpoints", "max_nan_skips"):
+        for key in ("max_steps", "checkpoint_every", "keep_checkpoints", "max_nan_skips", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip: must be >= 0 (0 = no clipping), got {self.grad_clip}")
 
 
 @dataclass

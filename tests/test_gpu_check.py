@@ -15,7 +15,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-PARTS = ("demo", "views", "infonce", "train", "determinism", "dino")
+PARTS = ("demo", "views", "infonce", "train", "determinism", "dino", "multicrop")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_demo_figures_from_its_output_and_run_dir(gc, tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_writes_every_part_with_numbers(tmp_path):
-    """~40-60 s on 2 busy cores: the five parts at tiny sizes on the CPU, as one user command."""
+    """~40-60 s on 2 busy cores: the seven parts at tiny sizes on the CPU, as one user command."""
     out = tmp_path / "dry.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--quiet", "--out", str(out),
@@ -149,6 +149,11 @@ def test_dry_run_writes_every_part_with_numbers(tmp_path):
     for key in ("vit_s16_224px", "vit_s16_224px_ibot_koleo"):  # the DINO multi-crop step, bf16
         row = parts["dino"]["results"][key]
         assert number(row["ms"]) and number(row["img_s"]) and row["loss_finite"] is True, row
+    m = parts["multicrop"]["results"]  # DINO's multi-crop views; each view op eager vs compiled
+    assert number(m["views"]["ms"]) and m["views"]["crops_per_image"] == 10
+    assert m["views"]["params_on_device"] is True and m["views"]["host_syncs_per_batch"] is None
+    for op in ("crop_flip", "jitter", "blur", "apply"):
+        assert number(m["compile"][op]["speedup"]) and number(m["compile"][op]["compile_s"]), op
     d = parts["determinism"]["results"]["two runs"]
     assert len(d["loss_abs_diff_per_step"]) == d["steps"]
     assert d["identical"] is True  # on CPU training is deterministic

@@ -100,6 +100,8 @@ def build_parts(cfg: Config, accelerator: Accelerator, data: Data, fresh: bool =
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if cuda else convert_allreduce_batchnorm(model)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if tc.compile:
+        compile_parts(model)
     optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size, model.no_weight_decay(),
                                 model.param_groups_options())  # trainable parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, data.total_steps)
@@ -116,6 +118,20 @@ def starts_fresh(ckpt_dir: Path, resume: str | None) -> bool:
     """Whether ``restore`` will start from zero: then ``model.init`` is loaded."""
     return resume is None or (resume == "auto" and not list_checkpoints(ckpt_dir)
                               and not (ckpt_dir / "latest").is_file())
+
+
+def compile_parts(method: torch.nn.Module) -> list[str]:
+    """``torch.compile`` every direct child of ``method`` that has parameters (backbone, heads,
+    teacher), in place (``nn.Module.compile``): the modules, their parameters and state-dict names
+    stay what they were, so checkpoints and resume do not change. Parameter-free children (the
+    views, whose per-sample gathers and Kornia ops must not be compiled) stay eager. Returns the
+    names of the compiled children."""
+    names = []
+    for name, child in method.named_children():
+        if any(True for _ in child.parameters()):
+            child.compile()
+            names.append(name)
+    return names
 
 
 def restore(cfg: Config, accelerator: Accelerator, parts: Parts, data: Data, ckpt_dir: Path,
