@@ -25,6 +25,7 @@ import kornia
 import torch
 from torch import nn
 
+from selfsup.augment.pixels import to_unit
 from selfsup.data_info import DataInfo
 
 RECIPES = ("simclr", "byol", "mae", "none")
@@ -113,11 +114,11 @@ def check_images(x: torch.Tensor, channels: int | None = None) -> None:
     """Raise a clear error unless ``x`` is a uint8 ``[B, C, H, W]`` batch with C = 1 or 3."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.uint8:
-        raise TypeError(f"images: expected dtype uint8 (raw pixels 0-255), got {x.dtype}")
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
+    if x.dtype not in (torch.uint8, torch.int32):
+        raise TypeError(f"images: expected dtype uint8 (raw pixels 0-255) or int32 (16-bit), got {x.dtype}")
+    if x.ndim != 4 or not 1 <= x.shape[1] <= 16:
         raise ValueError(
-            f"images: expected shape [B, C, H, W] with C = 1 or 3, got {tuple(x.shape)}"
+            f"images: expected shape [B, C, H, W] with C = 1..16, got {tuple(x.shape)}"
         )
     if channels is not None and x.shape[1] != channels:
         raise ValueError(
@@ -128,7 +129,7 @@ def check_images(x: torch.Tensor, channels: int | None = None) -> None:
 def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` -> float32 ``(x / 255 - mean) / std`` per channel (mean/std in [0, 1])."""
     check_images(x_uint8)
-    return _standardize(x_uint8.float().div_(255.0), mean, std)
+    return _standardize(to_unit(x_uint8), mean, std)
 
 
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -314,7 +315,7 @@ class Views(nn.Module):
 
     def apply(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
         """Apply ``p`` to uint8 ``x`` (already repeated to one row per sample); float in [0, 1]."""
-        x = x.float().div_(255.0)
+        x = to_unit(x)
         x = self._crop_flip(x, p)
         if self.jitter_p > 0:
             x = torch.where(p.jitter_on[:, None, None, None], self._jitter(x, p.jitter), x)
