@@ -25,7 +25,7 @@ import kornia
 import torch
 from torch import nn
 
-from selfsup.augment.pixels import to_unit
+from selfsup.augment.pixels import channel_jitter, check_channels, to_unit
 from selfsup.data_info import DataInfo
 
 RECIPES = ("simclr", "byol", "mae", "none")
@@ -204,8 +204,7 @@ class Views(nn.Module):
     def __init__(self, cfg: AugmentConfig, channels: int, size: int, mean, std) -> None:
         super().__init__()
         _check_config(cfg)
-        if channels not in (1, 3):
-            raise ValueError(f"channels: expected 1 or 3, got {channels}")
+        check_channels(cfg, channels)  # 1..16; augment.gray_p refused for C not in {1, 3}
         if size <= 0:
             raise ValueError(f"size: the output side must be > 0, got {size}")
         self.cfg = cfg
@@ -318,7 +317,8 @@ class Views(nn.Module):
         x = to_unit(x)
         x = self._crop_flip(x, p)
         if self.jitter_p > 0:
-            x = torch.where(p.jitter_on[:, None, None, None], self._jitter(x, p.jitter), x)
+            jit = self._jitter if self.channels in (1, 3) else channel_jitter  # pixels.py: C not 1, 3
+            x = torch.where(p.jitter_on[:, None, None, None], jit(x, p.jitter), x)
         if self.gray_p > 0:
             gray = kornia.color.rgb_to_grayscale(x).expand_as(x)
             x = torch.where(p.gray[:, None, None, None], gray, x)

@@ -113,3 +113,26 @@ def test_bad_inputs_name_the_file(tmp_path, capsys):
     assert _import(tmp_path / "mixed", tmp_path / "out", "--labels", "none") == 2
     out = capsys.readouterr().out
     assert "b_two" in out and "differs" in out, out
+
+
+def test_views_on_four_channels_refuse_grayscale_by_key_and_jitter_per_channel():
+    from selfsup.augment.pixels import channel_jitter
+    from selfsup.augment.views import AugmentConfig, Views
+
+    with pytest.raises(ValueError, match=r"augment\.gray_p"):
+        Views(AugmentConfig(), 4, SIZE, [0.5], [0.25])
+    views = Views(AugmentConfig(gray_p=0.0, jitter_p=1.0), 4, SIZE, [0.5], [0.25])
+    x = torch.randint(0, 256, (3, 4, SIZE, SIZE), dtype=torch.uint8)
+    out = views(x, n_views=2, generator=torch.Generator().manual_seed(0))
+    assert len(out) == 2 and out[0].shape == (3, 4, SIZE, SIZE) and torch.isfinite(out[0]).all()
+    # the per-channel jitter against numpy: contrast around each channel's own mean
+    x01 = np.random.default_rng(3).random((2, 4, 5, 5))
+    f = np.array([[1.2, 0.6, 1.0, 0.0], [0.9, 1.4, 1.0, 0.0]])
+    y = np.clip(x01 * f[:, :1, None, None], 0, 1)
+    y = np.clip(y * f[:, 1:2, None, None] + y.mean(axis=(2, 3), keepdims=True) * (1 - f[:, 1:2, None, None]), 0, 1)
+    got = channel_jitter(torch.from_numpy(x01), torch.from_numpy(f)).numpy()
+    np.testing.assert_allclose(got, y, rtol=1e-12)
+    # negative control: one mean over all channels (kornia's rule for C != 3) differs
+    allmean = np.clip(x01 * f[:, :1, None, None], 0, 1)
+    allmean = allmean * f[:, 1:2, None, None] + allmean.mean(axis=(1, 2, 3), keepdims=True) * (1 - f[:, 1:2, None, None])
+    assert np.abs(np.clip(allmean, 0, 1) - got).max() > 1e-3
