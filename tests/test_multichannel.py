@@ -136,3 +136,15 @@ def test_views_on_four_channels_refuse_grayscale_by_key_and_jitter_per_channel()
     allmean = np.clip(x01 * f[:, :1, None, None], 0, 1)
     allmean = allmean * f[:, 1:2, None, None] + allmean.mean(axis=(1, 2, 3), keepdims=True) * (1 - f[:, 1:2, None, None])
     assert np.abs(np.clip(allmean, 0, 1) - got).max() > 1e-3
+
+
+def test_grid_shows_chosen_channels():
+    from selfsup.augment.grid import make_grid, shown_channels
+
+    img = torch.rand(5, 4, 4)
+    assert torch.equal(shown_channels(img), img[:3])
+    assert torch.equal(shown_channels(img, [4, 0, 2]), img[[4, 0, 2]])
+    with pytest.raises(ValueError, match="0..4"):
+        shown_channels(img, [5])
+    tile = np.asarray(make_grid([[img]], tile=4, pad=0, channels=[4]))
+    np.testing.assert_array_equal(tile[..., 0], (img[4].numpy() * 255).round().astype(np.uint8))
