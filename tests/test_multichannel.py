@@ -107,6 +107,12 @@ def test_bad_inputs_name_the_file(tmp_path, capsys):
     pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
     with pytest.raises(DatasetError, match=r"pages\.tif.*pages differ"):
         load_channels(tmp_path / "pages.tif", 4)
+    np.save(tmp_path / "wide.npy", np.zeros((4, 4, 17), np.uint16))
+    with pytest.raises(DatasetError, match=r"wide\.npy: 17 channels"):
+        load_channels(tmp_path / "wide.npy", 4)
+    np.save(tmp_path / "float.npy", np.zeros((4, 4, 2), np.float32))
+    with pytest.raises(DatasetError, match=r"float\.npy.*uint8 or uint16"):
+        load_channels(tmp_path / "float.npy", 4)
     (tmp_path / "mixed").mkdir()
     np.save(tmp_path / "mixed" / "a_four.npy", np.zeros((SIZE, SIZE, 4), np.uint8))
     np.save(tmp_path / "mixed" / "b_two.npy", np.zeros((SIZE, SIZE, 2), np.uint8))
