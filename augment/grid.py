@@ -30,16 +30,32 @@ def grid_size(rows: int, cols: int, tile: int, pad: int, labelled: bool) -> tupl
     return width, height
 
 
+def shown_channels(img: torch.Tensor, channels: Sequence[int] | None = None) -> torch.Tensor:
+    """The planes of a ``[C, H, W]`` image a person sees: ``channels`` (1 or 3 indices, shown as
+    grey or RGB), by default all of a C = 1 or 3 image, else the first 3 (C = 2: the first)."""
+    c = img.shape[0]
+    pick = list(channels) if channels else ([] if c in (1, 3) else [0] if c == 2 else [0, 1, 2])
+    if not pick:
+        return img
+    if len(pick) not in (1, 3) or not all(0 <= k < c for k in pick):
+        raise ValueError(f"channels to show: 1 or 3 indices in 0..{c - 1}, got {pick}")
+    return img[pick]
+
+
 def make_grid(
     rows: Sequence[Sequence[torch.Tensor]],
     tile: int = 96,
     pad: int = 2,
     col_labels: Sequence[str] | None = None,
+    channels: Sequence[int] | None = None,
 ) -> Image.Image:
     """One grid row per sequence of images ``[C, H, W]`` (a ``[K, C, H, W]`` tensor is one), float
-    in [0, 1], C = 1 or 3. Images may differ in size; each is scaled to ``tile`` x ``tile``."""
+    in [0, 1]; C other than 1 or 3 shows ``channels`` (``shown_channels``). Images may differ in
+    size; each is scaled to ``tile`` x ``tile``."""
     if not rows:
         raise ValueError("make_grid: no rows to draw")
+    if any(img.ndim == 3 for row in rows for img in row):
+        rows = [[shown_channels(img, channels) if img.ndim == 3 else img for img in row] for row in rows]
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             if img.ndim != 3 or img.shape[0] not in (1, 3):
@@ -71,9 +87,10 @@ def save_grid(
     tile: int = 96,
     pad: int = 2,
     col_labels: Sequence[str] | None = None,
+    channels: Sequence[int] | None = None,
 ) -> Path:
     """``make_grid`` written as PNG to ``path`` (parent folders created)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, tile, pad, col_labels).save(out, format="PNG")
+    make_grid(rows, tile, pad, col_labels, channels).save(out, format="PNG")
     return out

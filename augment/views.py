@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from selfsup.augment.ops import gaussian_blur, on_rows, shift_hue, take
+from selfsup.augment.pixels import channel_jitter, check_channels, to_unit
 from selfsup.data_info import DataInfo
 
 RECIPES = ("simclr", "byol", "mae", "none")
@@ -114,11 +115,11 @@ def check_images(x: torch.Tensor, channels: int | None = None) -> None:
     """Raise a clear error unless ``x`` is a uint8 ``[B, C, H, W]`` batch with C = 1 or 3."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.uint8:
-        raise TypeError(f"images: expected dtype uint8 (raw pixels 0-255), got {x.dtype}")
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
+    if x.dtype not in (torch.uint8, torch.int32):
+        raise TypeError(f"images: expected dtype uint8 (raw pixels 0-255) or int32 (16-bit), got {x.dtype}")
+    if x.ndim != 4 or not 1 <= x.shape[1] <= 16:
         raise ValueError(
-            f"images: expected shape [B, C, H, W] with C = 1 or 3, got {tuple(x.shape)}"
+            f"images: expected shape [B, C, H, W] with C = 1..16, got {tuple(x.shape)}"
         )
     if channels is not None and x.shape[1] != channels:
         raise ValueError(
@@ -129,7 +130,7 @@ def check_images(x: torch.Tensor, channels: int | None = None) -> None:
 def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` -> float32 ``(x / 255 - mean) / std`` per channel (mean/std in [0, 1])."""
     check_images(x_uint8)
-    return _standardize(x_uint8.float().div_(255.0), mean, std)
+    return _standardize(to_unit(x_uint8), mean, std)
 
 
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -184,8 +185,7 @@ class Views(nn.Module):
     def __init__(self, cfg: AugmentConfig, channels: int, size: int, mean, std) -> None:
         super().__init__()
         _check_config(cfg)
-        if channels not in (1, 3):
-            raise ValueError(f"channels: expected 1 or 3, got {channels}")
+        check_channels(cfg, channels)  # 1..16; augment.gray_p refused for C not in {1, 3}
         if size <= 0:
             raise ValueError(f"size: the output side must be > 0, got {size}")
         self.cfg = cfg
@@ -308,16 +308,18 @@ class Views(nn.Module):
         return torch.stack([x0, y0, w, h], dim=1)
 
     def apply(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
-        """Apply ``p`` to uint8 ``x`` (already repeated to one row per sample); float in [0, 1].
+        """Apply ``p`` to uint8 (or 16-bit: int32) ``x`` (already repeated to one row per sample);
+        float in [0, 1].
 
         Each random op runs only on the rows that draw it (``ops.on_rows``): on the CPU the rows are
         gathered, changed and scattered back; on accelerators the op runs on every row and
         ``torch.where`` picks (no ``nonzero``, so no host sync).
         """
-        x = x.float().div_(255.0)
+        x = to_unit(x)
         x = self._crop_flip(x, p)
         if self.jitter_p > 0:
-            x = on_rows(x, p.jitter_on, lambda v, i: self._jitter(v, take(p.jitter, i)))
+            jit = self._jitter if self.channels in (1, 3) else channel_jitter  # pixels.py: C not 1, 3
+            x = on_rows(x, p.jitter_on, lambda v, i: jit(v, take(p.jitter, i)))
         if self.gray_p > 0:
             x = on_rows(x, p.gray, lambda v, i: kornia.color.rgb_to_grayscale(v).expand_as(v))
         if max(self.view_blur_p) > 0:

@@ -28,8 +28,8 @@ from selfsup.augment.views import normalize
 
 
 def _check_batch(x: torch.Tensor, mean: Sequence[float]) -> None:
-    if x.dtype != torch.uint8:
-        raise TypeError(f"images must be uint8 [B, C, H, W], got dtype {x.dtype}")
+    if x.dtype not in (torch.uint8, torch.int32):  # int32: 16-bit pixels (augment/pixels.py)
+        raise TypeError(f"images must be uint8 (or int32 for 16-bit) [B, C, H, W], got dtype {x.dtype}")
     if x.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != len(mean):

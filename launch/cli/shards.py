@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-mb", type=float, default=0, help="also cap each shard at this many MB")
     p.add_argument("--size", type=int, default=64, help="folder/list/shapes: output side in pixels (default: 64)")
     p.add_argument("--gray", action="store_true", help="folder/list: store grayscale instead of RGB")
+    p.add_argument("--multichannel", action="store_true",
+                   help="folder/list: keep every channel (1..16) of .npy [H, W, C] arrays, TIFF pages, PNG-16")
+    p.add_argument("--keep-depth", action="store_true",
+                   help="with --multichannel: keep 16-bit pixels as 16 bits (default: scaled to 8)")
     p.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error",
                    help=f"an unreadable image: stop with an error naming it (default), or skip it and list it in OUT/{SKIPPED}")
     p.add_argument("--workers", type=int, default=None,
@@ -101,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         part, parts = parse_part(args.part) if args.part else (0, 1)
         src = open_source(args.source, path=args.path, split=args.split, size=args.size,
-                          mode="L" if args.gray else "RGB", count=args.count, seed=args.seed, labels=args.labels)
+                          mode="any" if args.multichannel else "L" if args.gray else "RGB", count=args.count,
+                          seed=args.seed, labels=args.labels, keep_depth=args.keep_depth)  # fmt: skip
+        if args.keep_depth and not args.multichannel:
+            raise DatasetError("--keep-depth needs --multichannel (RGB/grey imports are 8-bit)")
         if hasattr(src, "describe"):
             print(src.describe(), flush=True)
         bad = [c for c in args.exclude_classes if not 0 <= c < len(src.classes)]

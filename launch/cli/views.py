@@ -11,6 +11,7 @@ import argparse
 import torch
 
 from selfsup.augment.grid import save_grid, to_unit
+from selfsup.augment.pixels import to_unit as pixels_unit
 from selfsup.augment.views import build_views
 from selfsup.config import ConfigError, load_config
 from selfsup.data_info import DataInfo
@@ -32,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-views", type=int, default=6, help="views per image (default: 6)")
     p.add_argument("--config", default=None, help="recipe YAML whose augment section is used")
     p.add_argument("--seed", type=int, default=0, help="seed of the random view parameters")
+    p.add_argument("--channels", type=int, nargs="+", default=None, metavar="K",
+                   help="images with C other than 1 or 3: the 1 or 3 channels to show (default: 0 1 2)")
     p.add_argument(
         "--tile", type=int, default=96, help="side of each grid tile in pixels (default: 96)"
     )
@@ -70,8 +73,13 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     drawn = views(images, n_views=args.n_views, generator=generator)
     per_view = [to_unit(v, views.mean, views.std) for v in drawn]
-    rows = [[images[i].float() / 255] + [v[i] for v in per_view] for i in range(len(images))]
+    source = pixels_unit(images)  # uint8 / 255, or 16-bit / 65535: scaled for display
+    rows = [[source[i]] + [v[i] for v in per_view] for i in range(len(images))]
     labels = ["source"] + [f"view {k + 1}" for k in range(args.n_views)]
-    out = save_grid(rows, args.out, tile=args.tile, col_labels=labels)
+    try:
+        out = save_grid(rows, args.out, tile=args.tile, col_labels=labels, channels=args.channels)
+    except ValueError as e:
+        print(f"error: --channels: {e}")
+        return 2
     print(f"wrote {out}: {len(rows)} images x {args.n_views} views ({cfg.augment.recipe} recipe)")
     return 0

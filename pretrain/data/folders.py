@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from selfsup.pretrain.data.datasets import IMAGE_SUFFIXES, DatasetError, Sample
+from selfsup.pretrain.data.multichannel import ARRAY_SUFFIXES, load_channels
 
 LABEL_MODES = ("auto", "folders", "none")
 BACKGROUND = (255, 255, 255)  # what transparent pixels become (a viewer on a white page)
@@ -95,9 +96,9 @@ class ImageFiles:
 
     def __init__(self, files: list[Path], labels: list[int] | None, classes: list[str], *,
                  root: Path, size: int = 64, mode: str = "RGB", name: str = "images",
-                 how: str = "", origin: Path | None = None) -> None:  # fmt: skip
-        if mode not in ("RGB", "L"):
-            raise DatasetError(f"image mode must be RGB or L, got {mode!r}")
+                 how: str = "", origin: Path | None = None, keep_depth: bool = False) -> None:  # fmt: skip
+        if mode not in ("RGB", "L", "any"):
+            raise DatasetError(f"image mode must be RGB, L or any (multichannel.py), got {mode!r}")
         if size < 1:
             raise DatasetError(f"image size must be >= 1, got {size}")
         if labels is not None and len(labels) != len(files):
@@ -105,6 +106,7 @@ class ImageFiles:
         self.files, self.labels, self.classes = files, labels, list(classes)
         self.root, self.size, self.mode, self.name, self.how = root, size, mode, name, how
         self.origin = origin or root  # the folder or list file the user named
+        self.keep_depth = keep_depth  # mode "any": keep 16-bit pixels as uint16
 
     @property
     def labelled(self) -> bool:
@@ -128,6 +130,8 @@ class ImageFiles:
         return _key(i, rel)
 
     def load(self, path: Path) -> np.ndarray:
+        if self.mode == "any":  # C channels at 8 or 16 bits, from .npy / TIFF pages / PNG-16
+            return load_channels(path, self.size, self.keep_depth)
         return load_image(path, self.size, self.mode)
 
     def sample(self, i: int) -> Sample:
@@ -144,7 +148,7 @@ class ImageFiles:
 
 
 # ------------------------------------------------------------------------------- folders
-def _walk_images(root: Path) -> list[Path]:
+def _walk_images(root: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Every image file under ``root`` (following links, skipping hidden names), sorted."""
     found: list[tuple[str, ...]] = []
     seen: set[tuple[int, int]] = set()
@@ -157,11 +161,12 @@ def _walk_images(root: Path) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = Path(dirpath).relative_to(root).parts
         found += [(*rel, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]  # fmt: skip
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in suffixes]  # fmt: skip
     return [root.joinpath(*parts) for parts in sorted(found)]
 
 
-def image_folder(root: str | Path, labels: str = "auto", size: int = 64, mode: str = "RGB") -> ImageFiles:
+def image_folder(root: str | Path, labels: str = "auto", size: int = 64, mode: str = "RGB",
+                 keep_depth: bool = False) -> ImageFiles:  # fmt: skip
     """A folder of images, labelled by first-level sub-folder or not (see the module docstring)."""
     root = Path(root)
     if labels not in LABEL_MODES:
@@ -169,9 +174,10 @@ def image_folder(root: str | Path, labels: str = "auto", size: int = 64, mode: s
     if not root.is_dir():
         hint = " (for a list of image paths use --source list)" if root.is_file() else ""
         raise DatasetError(f"image folder not found: {root}{hint}")
-    files = _walk_images(root)
+    suffixes = IMAGE_SUFFIXES | ARRAY_SUFFIXES if mode == "any" else IMAGE_SUFFIXES
+    files = _walk_images(root, suffixes)
     if not files:
-        raise DatasetError(f"{root}: no images with suffix {sorted(IMAGE_SUFFIXES)} (hidden files are skipped)")
+        raise DatasetError(f"{root}: no images with suffix {sorted(suffixes)} (hidden files are skipped)")
     top = [f for f in files if f.parent == root]
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     name = root.resolve().name or "images"
@@ -184,11 +190,12 @@ def image_folder(root: str | Path, labels: str = "auto", size: int = 64, mode: s
         )
     if labels == "none" or (labels == "auto" and top):
         how = "--labels none" if labels == "none" else f"auto: {len(top)} images directly in the folder"
-        return ImageFiles(files, None, [], root=root, size=size, mode=mode, name=name, how=how)
+        return ImageFiles(files, None, [], root=root, size=size, mode=mode, name=name, how=how, keep_depth=keep_depth)
     index = {c: i for i, c in enumerate(classes)}
     targets = [index[f.relative_to(root).parts[0]] for f in files]
     how = "--labels folders" if labels == "folders" else "auto: every image is in a sub-folder"
-    return ImageFiles(files, targets, classes, root=root, size=size, mode=mode, name=name, how=how)
+    return ImageFiles(files, targets, classes, root=root, size=size, mode=mode, name=name, how=how,
+                      keep_depth=keep_depth)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- list files

@@ -49,7 +49,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 SKIPPED = "skipped.txt"
 CHUNK = 16  # images per task sent to a worker process
 # fields every part of one import must agree on (besides the "import" record itself)
-_SAME = ("format", "split", "encoding", "extension", "image_size", "channels", "classes", "labelled")
+_SAME = ("format", "split", "encoding", "extension", "image_size", "channels", "bits", "classes", "labelled")
 
 
 @dataclass
@@ -267,12 +267,13 @@ def join_parts(out: str | Path) -> dict:
         if diff or m.get("import", {}).get("part") != i:
             raise ShardWriteError(f"part {i} disagrees with part 0 on {', '.join(diff) or 'its part number'}")
     sums = add_sums([m["pixel_sums"] for m in manifests])
-    mean, std = mean_std(sums)
+    mean, std = mean_std(sums, (1 << int(first.get("bits", 8))) - 1)
     shards = [{**s, "file": f"{part_dir(out, i, n).name}/{s['file']}"}
               for i, m in enumerate(manifests) for s in m["shards"]]  # fmt: skip
     manifest = {
         **{k: first[k] for k in ("format", "split", "source", "encoding", "extension", "image_size", "channels", "classes", "labelled")},
         "name": first["name"].rsplit("-p", 1)[0],
+        **({"bits": first["bits"]} if "bits" in first else {}),
         "num_samples": sum(m["num_samples"] for m in manifests),
         "mean": mean, "std": std, "pixel_sums": sums,
         "shards": shards,

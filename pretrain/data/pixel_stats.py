@@ -20,22 +20,24 @@ _VALUES = np.arange(256, dtype=np.int64)
 class PixelSums:
     """Accumulates uint8 ``[H, W, C]`` images into one 256-bin histogram per channel."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, bits: int = 8) -> None:
         self.channels = channels
-        self._hist = np.zeros((channels, 256), dtype=np.int64)
+        self.levels = 1 << bits  # 256, or 65536 for uint16 images
+        self._hist = np.zeros((channels, self.levels), dtype=np.int64)
 
     def add(self, image: np.ndarray) -> None:
         planes = np.ascontiguousarray(image.reshape(-1, self.channels).T)  # one row per channel
         for c in range(self.channels):
-            self._hist[c] += np.bincount(planes[c], minlength=256)
+            self._hist[c] += np.bincount(planes[c], minlength=self.levels)
 
     def to_json(self) -> dict:
         """``{"pixels": n, "sum": [...], "sum_sq": [...]}`` as Python ints (exact)."""
         hist = self._hist
+        values = _VALUES if self.levels == 256 else np.arange(self.levels, dtype=np.int64)
         return {
             "pixels": int(hist[0].sum()),
-            "sum": [int(h @ _VALUES) for h in hist],
-            "sum_sq": [int(h @ (_VALUES * _VALUES)) for h in hist],
+            "sum": [int(h @ values) for h in hist],
+            "sum_sq": [int(h @ (values * values)) for h in hist],
         }
 
 
@@ -50,8 +52,9 @@ def add_sums(parts: list[dict]) -> dict:
     }
 
 
-def mean_std(sums: dict) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the pixel values scaled to [0, 1], rounded to 6 decimals.
+def mean_std(sums: dict, top: int = 255) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the pixel values scaled to [0, 1] (divided by ``top``: 255, or
+    65535 for 16-bit sets), rounded to 6 decimals.
 
     Computed from the integers exactly (one rounding, in the final division), so the same sums
     always give the same numbers."""
@@ -60,7 +63,7 @@ def mean_std(sums: dict) -> tuple[list[float], list[float]]:
         raise ValueError("no pixels: mean/std undefined")
     means, stds = [], []
     for s, q in zip(sums["sum"], sums["sum_sq"], strict=True):
-        means.append(round(s / (255 * n), 6))
-        var = (n * q - s * s) / (n * n * 255 * 255)
+        means.append(round(s / (top * n), 6))
+        var = (n * q - s * s) / (n * n * top * top)
         stds.append(round(math.sqrt(max(var, 1e-12)), 6))
     return means, stds

@@ -74,9 +74,9 @@ class ShardOptions:
 
 
 def encode_image(image: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
-    """Encode one uint8 ``[H, W, C]`` image for a shard."""
+    """Encode one uint8 ``[H, W, C]`` image for a shard (uint16: raw only, little-endian ``u16``)."""
     if encoding == "raw":
-        return np.ascontiguousarray(image).tobytes()
+        return np.ascontiguousarray(image, dtype="<u2" if image.dtype == np.uint16 else None).tobytes()
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     buf = io.BytesIO()
     if encoding == "png":
@@ -150,6 +150,7 @@ def write_shards(
     writer: TarWriter | None = None
     count = nbytes = 0
     shape: tuple[int, ...] | None = None
+    bits = 8
     stats: PixelSums | None = None
     n_total = 0
 
@@ -165,16 +166,22 @@ def write_shards(
         if int(s.label) in excluded:
             continue
         img = np.asarray(s.image)
-        if img.dtype != np.uint8 or img.ndim != 3:
-            raise ShardWriteError(f"sample {s.key}: expected uint8 [H, W, C], got {img.dtype} {img.shape}")
+        if img.dtype not in (np.uint8, np.uint16) or img.ndim != 3:
+            raise ShardWriteError(f"sample {s.key}: expected uint8/uint16 [H, W, C], got {img.dtype} {img.shape}")
         if shape is None:
-            shape = img.shape
-            stats = PixelSums(shape[-1])
-            if encoding == "auto":
-                encoding = auto_encoding(*shape)
+            shape, bits = img.shape, 8 * img.itemsize
+            stats = PixelSums(shape[-1], bits)
+            if encoding == "auto":  # 16-bit and C not in {1, 3} have raw only
+                encoding = "raw" if bits == 16 or shape[-1] not in (1, 3) else auto_encoding(*shape)
                 ext = ENCODINGS[encoding]
-        elif img.shape != shape:
-            raise ShardWriteError(f"sample {s.key}: shape {img.shape} differs from the first sample's {shape}")
+            if bits == 16 and encoding != "raw":
+                raise ShardWriteError(f"sample {s.key}: 16-bit images need --encoding raw, not {encoding}")
+            if shape[-1] not in (1, 3) and encoding != "raw":
+                raise ShardWriteError(f"sample {s.key}: {shape[-1]} channels need --encoding raw, not {encoding}")
+            ext = "u16" if bits == 16 else ext
+        elif img.shape != shape or 8 * img.itemsize != bits:
+            raise ShardWriteError(f"sample {s.key}: {img.dtype} {img.shape} differs from the first sample's "
+                                  f"uint{bits} {shape} (one channel count and depth per set)")  # fmt: skip
         if (s.label >= 0) != labelled:
             raise ShardWriteError(f"sample {s.key}: label {s.label} in a set with {len(classes)} classes")
         payload = encode_image(img, encoding, opt.jpeg_quality)
@@ -211,7 +218,7 @@ def write_shards(
         sh["bytes"] = (out / sh["file"]).stat().st_size
     assert shape is not None and stats is not None
     sums = stats.to_json()
-    mean, std = mean_std(sums)
+    mean, std = mean_std(sums, (1 << bits) - 1)
     manifest = {
         "format": FORMAT,
         "name": opt.name,
@@ -222,6 +229,7 @@ def write_shards(
         "extension": ext,
         "image_size": [shape[0], shape[1]],
         "channels": shape[2],
+        **({"bits": 16} if bits == 16 else {}),  # absent: 8-bit
         "classes": list(classes),
         "labelled": labelled,
         "num_samples": n_total,

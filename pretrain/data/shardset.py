@@ -46,6 +46,7 @@ class ShardSet:
         self.classes: list[str] = list(manifest["classes"])
         self.labelled = bool(manifest.get("labelled", True))  # no .cls members when false
         self.channels = int(manifest["channels"])
+        self.bits = int(manifest.get("bits", 8))  # 16: pixels are 0..65535 (decoded as int32)
         self.height, self.width = (int(v) for v in manifest["image_size"])
         self.extension: str = manifest["extension"]
         self.mean: list[float] = list(manifest.get("mean") or [0.5] * self.channels)
@@ -143,9 +144,14 @@ class ShardSet:
         return bad
 
     def decode(self, sample: dict) -> tuple[np.ndarray, int, str]:
-        """Raw tar sample -> (uint8 [C, H, W], label (-1 if unlabelled), key). Raises on anything malformed."""
+        """Raw tar sample -> (uint8 [C, H, W] (int32 for 16-bit ``u16``), label (-1 if unlabelled), key). Raises on anything malformed."""
         payload = sample[self.extension]
-        if self.extension == "u8":
+        if self.extension == "u16":  # 16-bit raw (multichannel.py): int32, so torch takes it everywhere
+            img = np.frombuffer(payload, dtype="<u2")
+            if img.size != self.channels * self.height * self.width:
+                raise ValueError(f"raw payload of {img.size} values, expected {self.channels * self.height * self.width}")
+            img = img.reshape(self.height, self.width, self.channels).astype(np.int32)
+        elif self.extension == "u8":
             img = np.frombuffer(payload, dtype=np.uint8)
             if img.size != self.channels * self.height * self.width:
                 raise ValueError(f"raw payload of {img.size} bytes, expected {self.channels * self.height * self.width}")

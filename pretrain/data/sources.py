@@ -26,6 +26,7 @@ def open_source(
     count: int = 10000,
     seed: int = 0,
     labels: str = "auto",
+    keep_depth: bool = False,
 ) -> ArraySource | ImageFiles:
     """Open one of ``SOURCES`` by name (what ``selfsup shards --source`` takes); ``folder`` and
     ``list`` return a ``folders.ImageFiles`` (``labels``: auto | folders | none)."""
@@ -42,8 +43,10 @@ def open_source(
             what = "a folder of images (root/<class>/<image> for labels)" if kind == "folder" else "a list file"
             raise DatasetError(f"--source {kind} needs --path to {what}")
         if kind == "folder":
-            return image_folder(path, labels=labels, size=size, mode=mode)
-        return image_list(path, size=size, mode=mode, labels=labels)
+            return image_folder(path, labels=labels, size=size, mode=mode, keep_depth=keep_depth)
+        src = image_list(path, size=size, mode=mode, labels=labels)
+        src.keep_depth = keep_depth
+        return src
     if kind == "shapes":
         return shapes(count, size=size, seed=seed + (0 if split == "train" else 1_000_003), name=f"shapes-{split}")
     raise DatasetError(f"unknown source {kind!r}; choose one of {', '.join(SOURCES)}")
