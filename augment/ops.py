@@ -23,9 +23,11 @@ def on_rows(x: torch.Tensor, mask: torch.Tensor, op) -> torch.Tensor:
         return torch.where(mask[:, None, None, None], op(x, None), x)
     rows = mask.nonzero().squeeze(1)
     if len(rows) == len(x):
-        return op(x, None).contiguous()  # not a broadcast view: later ops write into it
+        # not a broadcast view (later ops write into it), and x's dtype: under autocast a
+        # convolution returns bfloat16/float16, which index_copy_ refuses and torch.where promotes
+        return op(x, None).to(x.dtype).contiguous()
     if len(rows):
-        x.index_copy_(0, rows, op(x.index_select(0, rows), rows))
+        x.index_copy_(0, rows, op(x.index_select(0, rows), rows).to(x.dtype))
     return x
 
 

@@ -40,6 +40,25 @@ def test_on_rows_equals_where_over_every_row(kind):
         assert not torch.allclose(wrong, ref)
 
 
+@pytest.mark.parametrize("kind", ["random", "all"])
+def test_on_rows_keeps_the_dtype_under_autocast(kind):
+    """Training under bf16 autocast: the blur's convolutions return bfloat16 into float32 views
+    (index_copy_ refused that, and every-row ops changed the views' dtype)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 3, 16, 16, generator=g)
+    mask = torch.tensor([True, False] * 3) if kind == "random" else torch.ones(6, dtype=torch.bool)
+    sigma = torch.rand(6, generator=g) + 0.5
+
+    def blur(v, rows):
+        return gaussian_blur(v, take(sigma, rows), 5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.where(mask[:, None, None, None], blur(x, None), x)  # the accelerator path
+        got = on_rows(x.clone(), mask, blur)
+    assert got.dtype == x.dtype == ref.dtype
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kernel", [3, 11, 23])
 def test_gaussian_blur_equals_kornia_2d(kernel):
     g = torch.Generator().manual_seed(1)
