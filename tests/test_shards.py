@@ -19,6 +19,7 @@ from selfsup.pretrain.data.stream import (
     ShardLoader,
     ShardSet,
     ShardStream,
+    epoch_order,
     load_arrays,
     plan_epoch,
 )
@@ -144,6 +145,32 @@ def test_plan_covers_rank_slice_without_overlap() -> None:
     covered = [(s, i) for p in plans for s, lo, hi in p.segments for i in range(lo, hi)]
     assert len(covered) == len(set(covered)) == n * 16
     assert sum(len(p.batch_sizes) for p in plans) == n
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_plan_equals_slicing_the_flat_epoch_sequence(drop_last: bool) -> None:
+    """Independent computation: the epoch's samples as one flat list (shards in epoch order),
+    the rank's contiguous slice of it, cut into the workers' contiguous runs of batches."""
+    rng = np.random.default_rng(5)
+    counts = [int(c) for c in rng.integers(0, 40, 300)]  # empty shards included
+    counts[7] = 0
+    world, workers, batch = 3, 4, 16
+    order = epoch_order(len(counts), 11, 2)
+    flat = [(int(s), i) for s in order for i in range(counts[s])]
+    for rank in range(world):
+        plans, n = plan_epoch(counts, batch, rank, world, workers, seed=11, epoch=2, drop_last=drop_last)
+        if drop_last:
+            per_rank = len(flat) // world
+            start = rank * per_rank
+        else:
+            base, extra = divmod(len(flat), world)
+            start, per_rank = rank * base + min(rank, extra), base + (rank < extra)
+        mine = flat[start : start + per_rank]
+        got = [(s, i) for p in plans for s, lo, hi in p.segments for i in range(lo, hi)]
+        assert got == mine[: len(got)] and len(got) == sum(sum(p.batch_sizes) for p in plans)
+        assert len(got) == (n * batch if drop_last else per_rank)
+        for p in plans:  # segments never name an empty range
+            assert all(lo < hi for _, lo, hi in p.segments)
 
 
 def test_missing_and_empty_and_mismatch_errors(tmp_path: Path) -> None:

@@ -95,10 +95,14 @@ def plan_epoch(
             plans.append(WorkerPlan(tuple(to_segments(remaining[lo:hi], bounds, order)), mine))
             offset = hi
             continue
-        for j, shard in enumerate(order):
+        # only the shards that overlap [lo, hi): found by bisection, not a walk over every shard
+        # (10k shards x 8 workers took ~1.5 s per rank and epoch in bench_costs.py)
+        first = max(int(np.searchsorted(bounds, lo, side="right")) - 1, 0)
+        last = min(int(np.searchsorted(bounds, hi, side="left")), len(order))
+        for j in range(first, last):
             a, b = max(lo, bounds[j]), min(hi, bounds[j + 1])
             if a < b:
-                segs.append((int(shard), int(a - bounds[j]), int(b - bounds[j])))
+                segs.append((int(order[j]), int(a - bounds[j]), int(b - bounds[j])))
         plans.append(WorkerPlan(tuple(segs), mine))
         offset = hi
     return plans, n_batches
