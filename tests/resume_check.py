@@ -81,7 +81,10 @@ def sigkill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path, low: int, 
             path = latest_checkpoint(run_dir / "checkpoints")
         if path is not None and int(path.stem.split("-")[1]) >= kill_after:
             break
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:  # stuck: kill it first, or reading its output blocks forever
+                proc.kill()
+            raise AssertionError(f"no checkpoint >= {kill_after} (exit {proc.wait()}):\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)

@@ -52,7 +52,8 @@ def test_compile_key_is_a_typed_config_entry():
 
 @pytest.mark.slow
 def test_compiled_run_checkpoints_eager_names_and_resumes(tmp_path: Path, small_shards: str):
-    steps = ["train.max_steps=4", "train.checkpoint_every=2", "data.batch_size=16",
+    # 40 steps: the kill must land mid-run (with 4, a fast machine finished before the first poll)
+    steps = ["train.max_steps=40", "train.checkpoint_every=2", "data.batch_size=16",
              "train.compile=true", "log.wandb=off", *TINY]  # fmt: skip
     run = tmp_path / "run"
     proc = pretrain(run, small_shards, *steps, wait=False)
@@ -61,7 +62,7 @@ def test_compiled_run_checkpoints_eager_names_and_resumes(tmp_path: Path, small_
     proc.wait()
     r = pretrain(run, small_shards, *steps, resume=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "resumed from" in r.stdout and at < 4
+    assert "resumed from" in r.stdout and at < 40
     state = final_model(run)
     cfg = load_config(None, TINY)
     assert list(state) == list(build_method(cfg, INFO).state_dict())
