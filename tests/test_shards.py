@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from selfsup.pretrain.data.datasets import ArraySource, DatasetError, cifar, shapes
 from selfsup.pretrain.data.folders import image_folder
@@ -145,6 +147,37 @@ def test_plan_covers_rank_slice_without_overlap() -> None:
     covered = [(s, i) for p in plans for s, lo, hi in p.segments for i in range(lo, hi)]
     assert len(covered) == len(set(covered)) == n * 16
     assert sum(len(p.batch_sizes) for p in plans) == n
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpeg"])
+def test_large_rgb_decodes_plane_by_plane_into_the_batch_as_pil_does(tmp_path: Path, encoding: str) -> None:
+    """From BANDS_FROM_PIXELS, RGB samples are unpacked plane by plane straight into their batch
+    slot; the pixels are PIL's own decode of the same bytes, also in padded batches."""
+    side = 128
+    src = _source(n=40, size=side)
+    ss = _write(tmp_path, src, samples_per_shard=16, encoding=encoding)
+    assert ss.planar and not _write(tmp_path / "small", _source(n=4), encoding=encoding).planar
+    ref = {}
+    for url in ss.urls:
+        with tarfile.open(url) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(ss.extension):
+                    with Image.open(tar.extractfile(m)) as im:
+                        ref[m.name.rsplit(".", 1)[0]] = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    if encoding == "png":  # lossless: also the source pixels
+        assert all(np.array_equal(ref[k], src.images[i].transpose(2, 0, 1)) for i, k in enumerate(sorted(ref)))
+    raw = Path(ss.urls[1]).read_bytes()  # one undecodable sample: its batch is padded from the pool
+    magic = b"\x89PNG" if encoding == "png" else b"\xff\xd8\xff"  # the first sample's signature
+    Path(ss.urls[1]).write_bytes(raw.replace(magic, b"X" * len(magic), 1))
+    loader = ShardLoader(ShardStream(ss, 8, workers=0, seed=0, max_corrupt_fraction=0.5))
+    loader.set_epoch(0)
+    seen = 0
+    for b in loader:
+        assert b["images"].is_contiguous() and b["images"].shape[1:] == (3, side, side)
+        for img, key in zip(b["images"].numpy(), b["keys"], strict=True):
+            assert np.array_equal(img, ref[key]), key
+            seen += 1
+    assert seen == 40 and loader.padded >= 1
 
 
 @pytest.mark.parametrize("drop_last", [True, False])

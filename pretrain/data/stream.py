@@ -212,12 +212,12 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, raw: dict | None) -> tuple[np.ndarray, int, str] | None:
+    def _decode(self, raw: dict | None, out: np.ndarray | None = None) -> tuple[np.ndarray, int, str] | None:
         if raw is None:
             return None
         try:
-            return self.ss.decode(raw)
-        except Exception:  # noqa: BLE001 - any malformed sample is skipped and counted
+            return self.ss.decode(raw, out)
+        except Exception:  # noqa: BLE001 - any malformed sample is skipped and counted (its slot reused)
             return None
 
     def __iter__(self) -> Iterator[dict]:
@@ -247,23 +247,29 @@ class ShardStream(IterableDataset):
                 pool.append(item)
         for j in range(skip, len(plan.batch_sizes)):
             batch: list[tuple[np.ndarray, int, str]] = []
+            # planar sets decode each sample into its slot of the batch (ShardSet.planar)
+            pixels = np.empty((plan.batch_sizes[j], 3, self.ss.height, self.ss.width), np.uint8) \
+                if self.ss.planar else None  # fmt: skip
             for raw in islice(positions, plan.batch_sizes[j]):
-                item = self._decode(raw)
+                item = self._decode(raw, None if pixels is None else pixels[len(batch)])
                 if item is None:
                     corrupt += 1
                     continue
                 batch.append(item)
-                if len(pool) < POOL:
-                    pool.append(item)
+                if len(pool) < POOL:  # its own copy of a slot: the batch's pixels leave with it
+                    pool.append(item if pixels is None else (item[0].copy(), *item[1:]))
             self._check_corrupt(corrupt, block, errors)
             missing = plan.batch_sizes[j] - len(batch)
             if missing:  # fill the gap with earlier readable samples, drawn per batch (replay-safe)
                 if not pool:
                     raise ShardError(f"worker {wid}: no readable sample in its first batches; {errors[:3]}")
                 pick = _sample_seed(self.seed, self.epoch, self.rank, wid, 1, j).integers(len(pool), size=missing)
-                batch.extend(pool[int(i)] for i in pick)
+                for i in pick:
+                    if pixels is not None:
+                        pixels[len(batch)] = pool[int(i)][0]
+                    batch.append(pool[int(i)])
                 padded += missing
-            yield self._collate(batch, (corrupt, padded), wid)
+            yield self._collate(pixels, batch, (corrupt, padded), wid)
 
     def _check_corrupt(self, corrupt: int, block: int, errors: list[str]) -> None:
         if block and corrupt / block > self.max_corrupt_fraction:
@@ -274,9 +280,9 @@ class ShardStream(IterableDataset):
             )
 
     @staticmethod
-    def _collate(items: list, counts: tuple[int, int], wid: int) -> dict:
+    def _collate(pixels: np.ndarray | None, items: list, counts: tuple[int, int], wid: int) -> dict:
         return {
-            "images": torch.from_numpy(np.stack([i[0] for i in items])),
+            "images": torch.from_numpy(np.stack([i[0] for i in items]) if pixels is None else pixels),
             "labels": torch.tensor([i[1] for i in items], dtype=torch.int64),
             "keys": [i[2] for i in items],
             "corrupt": counts[0],
