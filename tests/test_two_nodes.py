@@ -9,8 +9,9 @@ passes it) finishes bitwise equal.
 
 The namespaces are created and removed by this module (by name, in the fixture's teardown); the
 tests skip only where namespaces cannot be made (not root, no ``ip``, ``ip netns add`` refused).
-Real SLURM with one slurmd per namespace was not attempted: the launch path under test is the
-per-node script and its rendezvous, which is what srun runs on each node.
+Real SLURM with one slurmd per namespace (sbatch of the multi-node script, requeue) is in
+tests/test_slurm_two_nodes.py; here the per-node script runs directly, which lets a test kill one
+node's processes.
 """
 
 from __future__ import annotations
