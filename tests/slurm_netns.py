@@ -92,6 +92,9 @@ def start_two_node_cluster(cpus: int = 4) -> tuple[SlurmCluster, list[NetNode]]:
     namespaces cannot be made here (not root, no ip/unshare, refused by the kernel)."""
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare") or not shutil.which("nsenter"):
         raise SlurmUnavailable("network namespaces need root, iproute2's ip and util-linux's unshare and nsenter")
+    probe = subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise SlurmUnavailable(f"unshare --uts --mount refused here: {probe.stderr.strip()}")
     cluster = new_cluster()
     tag = uuid.uuid4().hex[:6]
     subnet = f"10.214.{int(tag, 16) % 250 + 1}"
