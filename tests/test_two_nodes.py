@@ -118,8 +118,8 @@ def test_two_nodes_equal_one_node_then_survive_a_lost_node(nodes, tmp_path: Path
 
 
 # "link-down": node 0's veth set down, no reset, packets just stop. Node 1's collective times out
-# after train.dist_timeout_s; its roll call then finds the store silent (TCPStore.wait raises but
-# then blocks on its cancel with no timeout: it hung > 150 s before peers.diagnose got a deadline).
+# after train.dist_timeout_s; its roll call then finds the store silent (TCPStore.wait times out,
+# then blocks reading its cancel's reply with no timeout: it hung > 150 s before peers.diagnose got a deadline).
 @pytest.mark.parametrize("how", ["killed", "link-down"])
 def test_node_0_lost_survivor_names_its_host(nodes, tmp_path: Path, fault_sets: dict, how: str) -> None:
     """Node 0 hosts the rendezvous store and rank 0. Killed (its sockets reset) or cut off (its link

@@ -49,9 +49,9 @@ def diagnose(exc: BaseException, wait_s: float = 5.0) -> str:
     """One line naming the lost rank(s), from a roll call among the survivors.
 
     The roll call runs in a daemon thread with a hard deadline: when the store's host vanished
-    without resetting the connection (a cable pulled, a link down), ``store.wait`` raises after its
-    timeout but then blocks sending its cancel and waiting for the reply with no timeout (torch
-    2.x TCPStore), for as long as TCP retransmits (many minutes). Past the deadline the store
+    without resetting the connection (a cable pulled, a link down), ``store.wait``'s timeout
+    expires, and then it sends CANCEL_WAIT and reads the reply with no timeout (torch 2.x
+    ``TCPStore::doWait``) for as long as TCP retransmits (many minutes). Past the deadline the store
     counts as unreachable, and the thread is left behind, stuck in C++, until the process exits.
     """
     import torch.distributed as dist
