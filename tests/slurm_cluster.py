@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,13 +72,17 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _slurm_conf(root: Path, host: str, ctld_port: int, slurmd_port: int, cpus: int) -> str:
-    """The one-node configuration; every setting here was needed or checked (DESIGN.md)."""
+def _slurm_conf(root: Path, ctld: tuple[str, str], ports: tuple[int, int], nodes: dict[str, str],
+                cpus: int) -> str:
+    """The configuration; every setting here was needed or checked (DESIGN.md). ``ctld`` is the
+    controller's (hostname, address), ``ports`` (slurmctld, slurmd), ``nodes`` NodeName -> NodeAddr.
+    Per-node files use %n, so several slurmd (one per network namespace) never share a file."""
+    node_lines = "".join(f"NodeName={n} NodeAddr={a} CPUs={cpus} State=UNKNOWN\n" for n, a in nodes.items())
     return f"""\
 ClusterName=selfsuptest
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
+SlurmctldHost={ctld[0]}({ctld[1]})
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -86,9 +91,9 @@ AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -105,8 +110,7 @@ InactiveLimit=0
 JobRequeue=1
 MpiDefault=none
 SwitchType=switch/none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{node_lines}PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
 
@@ -117,6 +121,7 @@ class SlurmCluster:
     root: Path
     env: dict[str, str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)  # run last by stop(), newest first
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> str:
         """Run a SLURM client command against this cluster and return its stdout."""
@@ -168,14 +173,12 @@ class SlurmCluster:
     def log_tail(self) -> str:
         """The daemons' logs, for failure messages."""
         parts = []
-        for name in ("slurmctld.log", "slurmd.log"):
-            path = self.root / "log" / name
-            if path.exists():
-                parts.append(f"--- {name}\n" + "\n".join(path.read_text().splitlines()[-30:]))
+        for path in sorted((self.root / "log").glob("slurm*.log")):
+            parts.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-30:]))
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Cancel every job, then stop slurmd, slurmctld and munged by pid, in that order."""
+        """Cancel every job, stop every slurmd, then slurmctld and munged by pid; then the cleanups."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--full", "--user=root"], env=self.env,
                            capture_output=True, timeout=30)
@@ -186,7 +189,8 @@ class SlurmCluster:
                 if not out.strip():
                     break
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [n for n in self.procs if n.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -196,6 +200,8 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        while self.cleanups:
+            self.cleanups.pop()()
 
 
 def _wait_for(what: str, check, timeout: float, cluster: SlurmCluster) -> None:
@@ -211,13 +217,9 @@ def _wait_for(what: str, check, timeout: float, cluster: SlurmCluster) -> None:
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}\n{cluster.log_tail()}")
 
 
-def start_cluster(cpus: int = 4) -> SlurmCluster:
-    """Install if needed, then start munged, slurmctld and slurmd on a private config.
-
-    ``cpus`` is what the node advertises (``config_overrides`` lets it exceed the real core
-    count), so two 2-rank jobs can run side by side on a 2-core machine. Raises SlurmUnavailable
-    when this machine cannot host the cluster.
-    """
+def new_cluster() -> SlurmCluster:
+    """Checks and installs, then a fresh state folder (no daemons yet; ``env`` has no SLURM_CONF
+    until ``start_control`` writes slurm.conf). Raises SlurmUnavailable."""
     if os.name != "posix":
         raise SlurmUnavailable("SLURM needs Linux")
     ensure_installed()
@@ -227,46 +229,66 @@ def start_cluster(cpus: int = 4) -> SlurmCluster:
         munge_user = pwd.getpwnam("munge")
     except KeyError as e:
         raise SlurmUnavailable("the munge package did not create a 'munge' user") from e
-
     root = Path(tempfile.mkdtemp(prefix="selfsup-slurm-"))
     root.chmod(0o755)  # munged refuses socket folders whose parents others can write
     for sub in ("state", "spool", "log", "munge"):
         (root / sub).mkdir()
     os.chown(root / "munge", munge_user.pw_uid, munge_user.pw_gid)
     (root / "munge").chmod(0o700)
-    host = socket.gethostname().split(".")[0]
-    ctld_port, slurmd_port = _free_ports(2)
-    conf = root / "slurm.conf"
-    conf.write_text(_slurm_conf(root, host, ctld_port, slurmd_port, cpus))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
+    env = dict(os.environ)
+    for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_"))]:
         env.pop(var)  # a test run inside a SLURM job must not leak its own job into ours
-    cluster = SlurmCluster(root=root, env=env)
+    return SlurmCluster(root=root, env=env)
 
-    def start(name: str, cmd: list[str], user: str | None = None) -> None:
-        # Direct children (no runuser in between), so stop() signals and reaps the daemon itself.
-        with open(root / "log" / f"{name}.out", "wb") as log:
-            cluster.procs[name] = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                user=user, group=user,
-            )
 
+def start_daemon(cluster: SlurmCluster, name: str, cmd: list[str], user: str | None = None) -> None:
+    """A daemon in the foreground as a direct child (no runuser in between), so stop() signals and
+    reaps the daemon itself."""
+    with open(cluster.root / "log" / f"{name}.out", "wb") as log:
+        cluster.procs[name] = subprocess.Popen(
+            cmd, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            user=user, group=user,
+        )
+
+
+def start_control(cluster: SlurmCluster, ctld: tuple[str, str], nodes: dict[str, str], cpus: int) -> Path:
+    """Write slurm.conf (fresh free ports), start munged and slurmctld; returns the conf path."""
+    root = cluster.root
+    conf = root / "slurm.conf"
+    conf.write_text(_slurm_conf(root, ctld, tuple(_free_ports(2)), nodes, cpus))
+    cluster.env["SLURM_CONF"] = str(conf)
     socket_path = root / "munge" / "munge.socket"
+    start_daemon(cluster, "munged", [
+        "munged", "--foreground", "--force", f"--socket={socket_path}",
+        f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munge/munged.log",
+        f"--seed-file={root}/munge/munged.seed",
+    ], user="munge")
+    _wait_for("munged socket", socket_path.exists, 20, cluster)
+    start_daemon(cluster, "slurmctld", ["slurmctld", "-D", "-i", "-f", str(conf)])
+    _wait_for("slurmctld", lambda: cluster.run("scontrol", "ping", check=False).count("UP") > 0,
+              30, cluster)
+    return conf
+
+
+def wait_idle(cluster: SlurmCluster, nodes: int, timeout: float = 30) -> None:
+    """Until ``nodes`` nodes have registered and are idle."""
+    _wait_for(f"{nodes} node(s) idle", lambda: cluster.run(
+        "sinfo", "-h", "-N", "-o", "%t", check=False).split().count("idle") >= nodes, timeout, cluster)
+
+
+def start_cluster(cpus: int = 4) -> SlurmCluster:
+    """Install if needed, then start munged, slurmctld and slurmd on a private config.
+
+    ``cpus`` is what the node advertises (``config_overrides`` lets it exceed the real core
+    count), so two 2-rank jobs can run side by side on a 2-core machine. Raises SlurmUnavailable
+    when this machine cannot host the cluster.
+    """
+    cluster = new_cluster()
+    host = socket.gethostname().split(".")[0]
     try:
-        start("munged", [
-            "munged", "--foreground", "--force", f"--socket={socket_path}",
-            f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munge/munged.log",
-            f"--seed-file={root}/munge/munged.seed",
-        ], user="munge")
-        _wait_for("munged socket", socket_path.exists, 20, cluster)
-        start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(conf)])
-        _wait_for("slurmctld", lambda: subprocess.run(
-            ["scontrol", "ping"], env=env, capture_output=True, text=True).stdout.count("UP") > 0,
-            30, cluster)
-        start("slurmd", ["slurmd", "-D", "-f", str(conf), "-N", host])
-        _wait_for("node idle", lambda: "idle" in subprocess.run(
-            ["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout,
-            30, cluster)
+        conf = start_control(cluster, (host, "127.0.0.1"), {host: "127.0.0.1"}, cpus)
+        start_daemon(cluster, "slurmd", ["slurmd", "-D", "-f", str(conf), "-N", host])
+        wait_idle(cluster, 1)
     except BaseException:
         cluster.stop()
         raise

@@ -48,8 +48,15 @@ while true; do
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break
 done
-if ((signalled)); then
+if ((signalled)) && ((rc == 0 || rc == 128 + 10)); then
+    # The trainers checkpointed (rank 0 writes, every rank waits for it) and the launcher ended on
+    # the forwarded USR1 (status 138). Exit 0: a non-zero status from the first node to finish makes
+    # srun --kill-on-bad-exit kill the other nodes' tasks while they still shut down (rank 0 closing
+    # its logs). The batch script requeues on its own preemption flag, not on this status.
     echo "selfsup: node $SLURM_NODEID: trainers stopped after USR1 (launcher status $rc)"
+    rc=0
+elif ((signalled)); then
+    echo "selfsup: error: node $SLURM_NODEID ($(hostname -s)): launcher exited with status $rc after USR1" >&2
 elif ((rc != 0)); then
     echo "selfsup: error: node $SLURM_NODEID ($(hostname -s)): launcher exited with status $rc." \
         "If the error above is a rendezvous timeout (DistStoreError / DistNetworkError), the" \
