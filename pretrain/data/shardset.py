@@ -156,6 +156,10 @@ class ShardSet:
         return self.extension not in ("u8", "u16") and self.channels == 3 and \
             self.height * self.width >= BANDS_FROM_PIXELS  # fmt: skip
 
+    def batch_slots(self, n: int) -> np.ndarray | None:
+        """A [n, 3, H, W] uint8 batch that ``planar`` sets decode into, slot by slot; else None."""
+        return np.empty((n, 3, self.height, self.width), np.uint8) if self.planar else None
+
     def decode(self, sample: dict, out: np.ndarray | None = None) -> tuple[np.ndarray, int, str]:
         """Raw tar sample -> (uint8 [C, H, W] (int32 for 16-bit ``u16``), label (-1 if unlabelled), key). Raises on anything
         malformed. ``planar`` sets decode into ``out`` (a C-contiguous [C, H, W] slot of the batch);

@@ -1,7 +1,5 @@
 """Stream a shard set to many processes and DataLoader workers: exact coverage, equal batch
-counts, deterministic per-epoch shuffling, resumable position.
-
-The rule (documented for users in the README):
+counts, deterministic per-epoch shuffling, resumable position (for users: docs/data.md).
 
 * Each epoch the shard order is permuted by ``(seed, epoch)``. The shards' samples, in that
   order, form one sequence of ``total`` samples (counts come from the manifest, so no process
@@ -95,8 +93,7 @@ def plan_epoch(
             plans.append(WorkerPlan(tuple(to_segments(remaining[lo:hi], bounds, order)), mine))
             offset = hi
             continue
-        # only the shards that overlap [lo, hi): found by bisection, not a walk over every shard
-        # (10k shards x 8 workers took ~1.5 s per rank and epoch in bench_costs.py)
+        # the shards overlapping [lo, hi), by bisection (a walk over 10k shards x 8 workers took ~1.5 s)
         first = max(int(np.searchsorted(bounds, lo, side="right")) - 1, 0)
         last = min(int(np.searchsorted(bounds, hi, side="left")), len(order))
         for j in range(first, last):
@@ -247,9 +244,7 @@ class ShardStream(IterableDataset):
                 pool.append(item)
         for j in range(skip, len(plan.batch_sizes)):
             batch: list[tuple[np.ndarray, int, str]] = []
-            # planar sets decode each sample into its slot of the batch (ShardSet.planar)
-            pixels = np.empty((plan.batch_sizes[j], 3, self.ss.height, self.ss.width), np.uint8) \
-                if self.ss.planar else None  # fmt: skip
+            pixels = self.ss.batch_slots(plan.batch_sizes[j])  # planar sets decode into their slots
             for raw in islice(positions, plan.batch_sizes[j]):
                 item = self._decode(raw, None if pixels is None else pixels[len(batch)])
                 if item is None:
@@ -264,10 +259,9 @@ class ShardStream(IterableDataset):
                 if not pool:
                     raise ShardError(f"worker {wid}: no readable sample in its first batches; {errors[:3]}")
                 pick = _sample_seed(self.seed, self.epoch, self.rank, wid, 1, j).integers(len(pool), size=missing)
-                for i in pick:
-                    if pixels is not None:
-                        pixels[len(batch)] = pool[int(i)][0]
-                    batch.append(pool[int(i)])
+                batch.extend(pool[int(i)] for i in pick)
+                if pixels is not None:
+                    pixels[-missing:] = np.stack([item[0] for item in batch[-missing:]])
                 padded += missing
             yield self._collate(pixels, batch, (corrupt, padded), wid)
 
