@@ -28,6 +28,15 @@ def _seed_global_rngs(request: pytest.FixtureRequest) -> None:
     torch.manual_seed(seed)
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: intra-op threads only add hand-off cost (and stall badly on busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The embedded Fashion-MNIST subset as shard sets: {"train": dir (10k), "test": dir (2k)}."""

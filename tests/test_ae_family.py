@@ -17,13 +17,7 @@ RGB12 = DataInfo(channels=3, image_size=12, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2
 FAMILY = ("ae", "sparse_ae", "cae", "vae", "beta_vae")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: intra-op threads only add hand-off cost (and stall badly on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def cfg_for(name: str, *overrides: str):

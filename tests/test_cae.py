@@ -19,12 +19,7 @@ from selfsup.pretrain.methods.cae import jacobian_frobenius_estimate, jacobian_f
 GRAY12 = DataInfo(channels=1, image_size=12, mean=(0.3,), std=(0.3,))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def small_net() -> nn.Module:

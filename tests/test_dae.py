@@ -19,15 +19,6 @@ GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 RGB32 = DataInfo(channels=3, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: intra-op threads only add hand-off cost (and stall badly on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dae_cfg(*overrides: str):
     base = ["method.name=dae", "model.backbone=resnet_small", "model.stem=cifar_s2"]
     return load_config(None, [*base, "augment.recipe=none", *overrides])

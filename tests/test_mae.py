@@ -24,15 +24,6 @@ from selfsup.pretrain.models.vit import build_vit
 GRAY28 = DataInfo(channels=1, image_size=28, mean=(0.29,), std=(0.35,))
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: intra-op threads only add hand-off cost (and stall badly on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model_cfg(backbone: str, patch_size: int = 4):
     return load_config(None, [f"model.backbone={backbone}", f"model.patch_size={patch_size}"]).model
 
