@@ -145,5 +145,7 @@ def test_interrupted_job_requeues_resumes_and_ends_equal(jobs, name: str):
     assert set(want) <= set(got), (sorted(got), sorted(want))  # plus, maybe, a signal checkpoint
     for step, path in sorted(want.items()):
         diff = differences(load_checkpoint(got[step]), load_checkpoint(path))
+        if name == "preempted" and step == resumed[0]:  # USR1 landed on a periodic step: the
+            diff = [d for d in diff if d != ".reason: 'signal SIGUSR1' != 'periodic'"]  # same state
         assert not diff, f"checkpoint {step} differs from the uninterrupted run: {diff[:5]}"
     assert rows(work / name) == rows(work / "ref")
