@@ -12,7 +12,11 @@ random init per architecture.
     .venv/bin/python benchmarks/bench_properties.py --minutes 1.5          # ~4 min per method
     .venv/bin/python benchmarks/bench_properties.py --methods simclr --minutes 5 --keep runs/props
 
-A new method (BYOL, SimSiam, an autoencoder variant) is one more ``METHODS`` entry.
+A new method is one more ``METHODS`` entry. Methods with a ``latent`` hook (the autoencoders, VAE,
+beta-VAE) are evaluated twice: on the backbone's features and on their own code
+(``selfsup eval --representation latent``), one row each.
+
+    .venv/bin/python benchmarks/bench_properties.py --methods vae,beta_vae --minutes 1
 
 Measured once with the defaults (10k/2k shapes at 32 px, --minutes 1.5, 2 processes) on the shared
 2-core machine under a load average of 6-14, so every run got far less than 1.5 min of CPU: 1.4-4
@@ -54,13 +58,23 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from selfsup.eval.representation import methods_with_latent  # noqa: E402
+
 # method -> (recipe, overrides for 32x32 RGB shapes). The recipes are sized for 28x28 gray
 # Fashion-MNIST; MAE's patch 7 does not divide 32, patch 8 keeps its 4x4 = 16 patches.
 METHODS: dict[str, tuple[str, list[str]]] = {
     "simclr": ("configs/simclr_demo.yaml", []),
+    "byol": ("configs/byol_demo.yaml", []),
+    "simsiam": ("configs/simsiam_demo.yaml", []),
+    "ae": ("configs/ae_demo.yaml", []),
     "dae": ("configs/dae_demo.yaml", []),
+    "sparse_ae": ("configs/sparse_ae_demo.yaml", []),
+    "cae": ("configs/cae_demo.yaml", []),
+    "vae": ("configs/vae_demo.yaml", []),
+    "beta_vae": ("configs/beta_vae_demo.yaml", []),
     "mae": ("configs/mae_demo.yaml", ["model.patch_size=8"]),
 }
+DEFAULT = "simclr,dae,mae"  # the methods of the table below; --methods all for every one
 COLUMNS = [  # (report key, header, format)
     ("linear_top1", "lin top-1 %", "{:.1f}"),
     ("knn_top1_k20", "kNN@20 %", "{:.1f}"),
@@ -114,21 +128,27 @@ def train_and_eval(method: str, data: Path, work: Path, minutes: float, processe
     t = time.perf_counter()
     run(step.command, step.env)
     train_s = time.perf_counter() - t
-    run([sys.executable, "-m", "selfsup.launch.cli", "eval", "--checkpoint", str(run_dir),
-         "--train-shards", str(data / "train"), "--test-shards", str(data / "test"),
-         "--protocols", "linear,knn,properties", "--k", "20", "--out", str(run_dir / "eval")])
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    reports = {}
+    for rep in ("backbone", "latent") if method in methods_with_latent() else ("backbone",):
+        out = run_dir / ("eval" if rep == "backbone" else "eval-latent")
+        run([sys.executable, "-m", "selfsup.launch.cli", "eval", "--checkpoint", str(run_dir),
+             "--train-shards", str(data / "train"), "--test-shards", str(data / "test"),
+             "--protocols", "linear,knn,properties", "--k", "20", "--representation", rep, "--out", str(out)])
+        reports[rep] = json.loads((out / "report.json").read_text())
     arch = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["backbone"]
     n_train = json.loads((data / "train" / "manifest.json").read_text())["num_samples"]
     return {"method": method, "arch": arch, "steps": steps, "epochs": steps * batch / n_train,
-            "img_s": speed, "train_s": train_s, "models": report["models"],
-            "eval_s": report["meta"]["timings_s"]}
+            "img_s": speed, "train_s": train_s, "models": reports["backbone"]["models"],
+            "latent": reports["latent"]["models"] if "latent" in reports else None,
+            "eval_s": reports["backbone"]["meta"]["timings_s"]}
 
 
 def table(results: list[dict]) -> str:
     rows: list[tuple[str, dict]] = []
     for r in results:
         rows.append((f"{r['method']} ({r['arch']}, {r['epochs']:.1f} ep)", r["models"]["pretrained"]))
+        if r.get("latent"):  # the method's own code (Method.latent), same run
+            rows.append((f"{r['method']}, its latent code", r["latent"]["pretrained"]))
     rows.append(("raw pixels", results[0]["models"]["raw_pixels"]))
     seen = set()
     for r in results:
@@ -145,7 +165,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=DEFAULT, help=f"comma-separated, from {', '.join(METHODS)}, or all")
     p.add_argument("--minutes", type=float, default=1.5, help="training budget per method")
     p.add_argument("--train", type=int, default=10000, help="shapes training images")
     p.add_argument("--test", type=int, default=2000, help="shapes test images")
@@ -153,7 +173,7 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="training processes (as the demo on 2 cores)")
     p.add_argument("--keep", default=None, help="keep shards, runs and reports in this folder")
     args = p.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
