@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from methodkit import gray, seeded_method
 from torch import nn
 
 from selfsup.config import ConfigError, load_config
-from selfsup.data_info import DataInfo
-from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import AllReduceBatchNorm1d
 from selfsup.pretrain.methods.barlow_twins import (
     BarlowTwins,
@@ -21,16 +20,13 @@ from selfsup.pretrain.methods.barlow_twins import (
     cross_correlation,
 )
 
-INFO = DataInfo(channels=1, image_size=12, mean=(0.5,), std=(0.25,))
+INFO = gray(12)
 SMALL = ["method.name=barlow_twins", "model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.25",
          "method.barlow_twins.proj_hidden=32", "method.barlow_twins.proj_out=16"]  # fmt: skip
 
 
 def _model(*extra: str) -> BarlowTwins:
-    torch.manual_seed(0)
-    model = build_method(load_config(None, [*SMALL, *extra]), INFO)
-    assert isinstance(model, BarlowTwins)
-    return model
+    return seeded_method(BarlowTwins, [*SMALL, *extra], INFO)
 
 
 def _formula(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> tuple[list, float]:

@@ -10,29 +10,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from methodkit import gray, gray_images, seeded_method
 from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
 
 from selfsup.config import load_config
-from selfsup.data_info import DataInfo
-from selfsup.pretrain.build import build_method
 from selfsup.pretrain.loop.optim import build_optimizer
 from selfsup.pretrain.methods.byol import BYOL, byol_loss, ema_update, momentum_tau
 from selfsup.pretrain.run.export import export_run, load_backbone
 
-INFO = DataInfo(channels=1, image_size=12, mean=(0.5,), std=(0.25,))
+INFO = gray(12)
 SMALL = ["method.name=byol", "model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.25",
          "method.byol.proj_hidden=32", "method.byol.proj_out=16", "method.byol.pred_hidden=32"]  # fmt: skip
 
 
 def _model(*extra: str) -> BYOL:
-    torch.manual_seed(0)
-    model = build_method(load_config(None, [*SMALL, *extra]), INFO)
-    assert isinstance(model, BYOL)
-    return model
+    return seeded_method(BYOL, [*SMALL, *extra], INFO)
 
 
 def _images(n: int = 6) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    return gray_images(n, 12)
 
 
 def test_tau_follows_the_papers_cosine_schedule() -> None:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from methodkit import gray
 from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
-from torchrun import save_and_leave
-from torchrun import two_process_results as run_two_processes
+from torchrun import results_fixture, save_and_leave
 
 from selfsup.config import ConfigError, load_config
-from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.methods.byol import momentum_tau
 from selfsup.pretrain.methods.dino import DINO, DINOCollapseWarning, dino_loss
@@ -35,7 +34,7 @@ from selfsup.pretrain.methods.dino_parts import cls_attention
 from selfsup.pretrain.run.export import export_run, load_backbone
 
 SIDE, LOCAL, GLOBAL_N, TOTAL = 16, 8, 8, 10
-INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
+INFO = gray(SIDE)
 HEAD = ["method.name=dino", "method.dino.out_dim=48", "method.dino.hidden_dim=24",
         "method.dino.bottleneck_dim=12", "method.dino.local_crops=2", f"method.dino.local_size={LOCAL}"]  # fmt: skip
 VIT = ["model.backbone=vit_micro", "model.patch_size=4"]
@@ -287,9 +286,7 @@ def _worker(out_path: str) -> None:
     save_and_leave(res, out_path)
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_two_processes(__file__, tmp_path_factory.mktemp("dino_ddp") / "results.pt")
+two_process_results = results_fixture(__file__)
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:

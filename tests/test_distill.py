@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from methodkit import gray
 from resume_check import cli_pretrain, same_final_models
 from safetensors.torch import save_file
 from test_siamese_bn import _grads, _mean_over_processes
@@ -30,7 +31,6 @@ from torchrun import save_and_leave
 from torchrun import two_process_results as run_two_processes
 
 from selfsup.config import ConfigError, load_config
-from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.loop.optim import build_optimizer
 from selfsup.pretrain.methods.distill import Distill, distill_loss, map_loss
@@ -39,7 +39,7 @@ from selfsup.pretrain.run.export import export_run, load_backbone
 from selfsup.pretrain.run.rundir import LATEST, list_checkpoints, load_checkpoint
 
 SIDE, GLOBAL_N = 12, 8
-INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
+INFO = gray(SIDE)
 STUDENT = ["model.backbone=resnet_small", "model.width=0.25", "model.stem=cifar_s2"]
 VIT = ["model.backbone=vit_micro", "model.patch_size=4"]
 

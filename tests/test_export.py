@@ -255,33 +255,27 @@ def test_corrupt_safetensors(small_run, tmp_path):
         load_backbone(tmp_path / "e")
 
 
-def test_export_config_with_unknown_architecture_key(small_run, tmp_path):
-    run_dir, _ = small_run
-    export_run(run_dir, tmp_path / "e")
-    path = tmp_path / "e" / CONFIG_FILE
+def _edit_export_config(run_dir: Path, out: Path, edit) -> Path:
+    """Export ``run_dir`` to ``out``, then change its config as ``edit(meta)`` does."""
+    export_run(run_dir, out)
+    path = out / CONFIG_FILE
     meta = json.loads(path.read_text())
-    meta["model"]["depth"] = 7
+    edit(meta)
     path.write_text(json.dumps(meta))
-    with pytest.raises(ExportError, match="unknown config key 'model.depth'"):
-        load_backbone(tmp_path / "e")
+    return out
 
 
-def test_export_config_for_another_architecture(small_run, tmp_path):
-    run_dir, _ = small_run
-    export_run(run_dir, tmp_path / "e")
-    path = tmp_path / "e" / CONFIG_FILE
-    meta = json.loads(path.read_text())
-    meta["model"]["backbone"] = "resnet18"
-    path.write_text(json.dumps(meta))
-    with pytest.raises(ExportError, match="missing: .*layer1.1"):
-        load_backbone(tmp_path / "e")
+@pytest.mark.parametrize(("edit", "error"), [
+    (lambda m: m["model"].update(depth=7), "unknown config key 'model.depth'"),
+    (lambda m: m["model"].update(backbone="resnet18"), "missing: .*layer1.1"),
+], ids=["unknown architecture key", "another architecture"])  # fmt: skip
+def test_export_config_that_cannot_build_the_weights(small_run, tmp_path, edit, error):
+    with pytest.raises(ExportError, match=error):
+        load_backbone(_edit_export_config(small_run[0], tmp_path / "e", edit))
 
 
 def test_format_version_1_exports_still_load(small_run, tmp_path):
-    run_dir, _ = small_run
-    export_run(run_dir, tmp_path / "e")
-    path = tmp_path / "e" / CONFIG_FILE
-    meta = json.loads(path.read_text())
-    meta["format_version"], meta["architecture"] = 1, meta.pop("model")
-    path.write_text(json.dumps(meta))
-    assert load_backbone(tmp_path / "e").feature_dim == 256
+    def version_1(meta: dict) -> None:
+        meta["format_version"], meta["architecture"] = 1, meta.pop("model")
+
+    assert load_backbone(_edit_export_config(small_run[0], tmp_path / "e", version_1)).feature_dim == 256

@@ -10,8 +10,6 @@ The 2-process part runs this file under ``torchrun --standalone`` (gloo, CPU), a
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import test_dino as td
 import torch
 from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
 from scipy.spatial import cKDTree
+from torchrun import results_fixture, save_and_leave
 
 from selfsup.config import load_config
 from selfsup.pretrain.build import build_method
@@ -151,19 +150,10 @@ def _worker(out_path: str) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     n = GLOBAL_N // world
     res = {name: _step(v, slice(rank * n, (rank + 1) * n), a, True, e) for name, (v, a, e) in CASES.items()}
-    if rank == 0:
-        torch.save(res, out_path)
-    torch.distributed.destroy_process_group()
+    save_and_leave(res, out_path)
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("ibot_ddp") / "results.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+two_process_results = results_fixture(__file__)
 
 
 def _errors(got: dict, ref: dict) -> dict[str, float]:

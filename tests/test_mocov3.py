@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from methodkit import gray, seeded_method
 from resume_check import cli_kill_then_resume, jsonl_rows, same_final_models
 from test_siamese_bn import _bn_stats, _grads, _mean_over_processes, _rel_err
 from test_simclr import _max_rel_err, all_reduce_mean
-from torchrun import save_and_leave
-from torchrun import two_process_results as run_two_processes
+from torchrun import results_fixture, save_and_leave
 
 from selfsup.config import ConfigError, load_config
-from selfsup.data_info import DataInfo
 from selfsup.pretrain import methods
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import convert_allreduce_batchnorm
@@ -43,7 +42,7 @@ from selfsup.pretrain.methods.mocov3 import (
 from selfsup.pretrain.run.export import export_run
 
 GLOBAL_N, SIDE = 8, 12
-INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
+INFO = gray(SIDE)
 HEADS = ["method.name=mocov3", "method.mocov3.proj_hidden=24", "method.mocov3.proj_out=12",
          "method.mocov3.pred_hidden=20"]  # fmt: skip
 RESNET = ["model.backbone=resnet_small", "model.width=0.25", "model.stem=cifar_s2"]
@@ -61,10 +60,7 @@ CASES = {
 
 
 def _model(*extra: str) -> MoCoV3:
-    torch.manual_seed(0)
-    model = build_method(load_config(None, [*HEADS, *RESNET, *extra]), INFO)
-    assert isinstance(model, MoCoV3)
-    return model
+    return seeded_method(MoCoV3, [*HEADS, *RESNET, *extra], INFO)
 
 
 def _setup(backbone: list[str], dtype: torch.dtype, sync: bool, sync_all: bool):
@@ -134,10 +130,7 @@ def _worker(out_path: str) -> None:
     save_and_leave(results, out_path)
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("ddp_mocov3") / "results.pt"
-    return run_two_processes(__file__, out)
+two_process_results = results_fixture(__file__)
 
 
 def _grad_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:

@@ -23,12 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from methodkit import gray
 from torch import nn
-from torchrun import save_and_leave
-from torchrun import two_process_results as run_two_processes
+from torchrun import results_fixture, save_and_leave
 
 from selfsup.config import load_config
-from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import (
     AllReduceBatchNorm1d,
@@ -39,7 +38,7 @@ from selfsup.pretrain.distributed import (
 from selfsup.pretrain.run.rundir import latest_checkpoint
 
 GLOBAL_N, SIDE = 8, 12
-INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
+INFO = gray(SIDE)
 HEADS = {"byol": ["method.byol.proj_hidden=24", "method.byol.proj_out=12", "method.byol.pred_hidden=20"],
          "simsiam": ["method.simsiam.proj_hidden=24", "method.simsiam.proj_out=12",
                      "method.simsiam.pred_hidden=6"]}  # fmt: skip
@@ -112,10 +111,7 @@ def _worker(out_path: str) -> None:
     save_and_leave(results, out_path)
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("ddp_bn") / "results.pt"
-    return run_two_processes(__file__, out)
+two_process_results = results_fixture(__file__)
 
 
 def _rel_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], floor: float = 0.0) -> float:

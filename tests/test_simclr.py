@@ -17,11 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchrun import save_and_leave
-from torchrun import two_process_results as run_two_processes
+from methodkit import gray
+from torchrun import results_fixture, save_and_leave
 
 from selfsup.config import load_config
-from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import get_rank, get_world_size
 from selfsup.pretrain.methods import METHODS, StepContext
@@ -30,7 +29,7 @@ from selfsup.pretrain.methods.simclr import SimCLR, grad_cache_step, info_nce, m
 TAU = 0.2
 GLOBAL_N = 8
 SIDE = 12
-INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
+INFO = gray(SIDE)
 # name -> (dtype, loss_chunk, grad_cache_chunk, gather is differentiable)
 CASES = {
     "fp64_plain": (torch.float64, 0, 0, True),
@@ -149,10 +148,7 @@ def _max_rel_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> 
     return max((torch.linalg.norm(got[k] - ref[k]) / torch.linalg.norm(ref[k])).item() for k in ref)
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("ddp") / "results.pt"
-    return run_two_processes(__file__, out)
+two_process_results = results_fixture(__file__)
 
 
 @pytest.mark.slow  # torchrun start-up: ~15-25 s on 2 shared cores, paid once per module

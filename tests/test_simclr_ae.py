@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from methodkit import gray, gray_images
 
 from selfsup.augment.views import normalize
 from selfsup.config import ConfigError, load_config
-from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.methods.simclr import info_nce
 
 SIDE = 16
-INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
+INFO = gray(SIDE)
 BASE = ["model.backbone=resnet_small", "model.width=0.25", "model.stem=cifar_s2"]
 
 
@@ -25,7 +25,7 @@ def _model(method: str, *extra: str):
 
 
 def _images(n: int = 6) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 1, SIDE, SIDE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    return gray_images(n, SIDE)
 
 
 @pytest.mark.parametrize("target", ["view", "image"])

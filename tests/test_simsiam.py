@@ -12,31 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from methodkit import gray, gray_images, seeded_method
 from torch import nn
 
 from selfsup.config import load_config
-from selfsup.data_info import DataInfo
-from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import AllReduceBatchNorm1d
 from selfsup.pretrain.loop.optim import build_optimizer, build_scheduler
 from selfsup.pretrain.loop.runlog import CollapseWatch
 from selfsup.pretrain.methods.siamese import collapse_std
 from selfsup.pretrain.methods.simsiam import SimSiam, simsiam_loss
 
-INFO = DataInfo(channels=1, image_size=12, mean=(0.5,), std=(0.25,))
+INFO = gray(12)
 SMALL = ["method.name=simsiam", "model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.25",
          "method.simsiam.proj_hidden=32", "method.simsiam.proj_out=16", "method.simsiam.pred_hidden=8"]  # fmt: skip
 
 
 def _model(*extra: str) -> SimSiam:
-    torch.manual_seed(0)
-    model = build_method(load_config(None, [*SMALL, *extra]), INFO)
-    assert isinstance(model, SimSiam)
-    return model
+    return seeded_method(SimSiam, [*SMALL, *extra], INFO)
 
 
 def _images(n: int = 6) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    return gray_images(n, 12)
 
 
 def test_no_gradient_flows_through_the_stop_gradient() -> None:

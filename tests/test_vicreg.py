@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from methodkit import gray, seeded_method
 from torch import nn
 
 from selfsup.config import ConfigError, load_config
-from selfsup.data_info import DataInfo
-from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import AllReduceBatchNorm1d
 from selfsup.pretrain.methods.vicreg import (
     VICReg,
@@ -22,16 +21,13 @@ from selfsup.pretrain.methods.vicreg import (
     vicreg_terms,
 )
 
-INFO = DataInfo(channels=1, image_size=12, mean=(0.5,), std=(0.25,))
+INFO = gray(12)
 SMALL = ["method.name=vicreg", "model.backbone=resnet_small", "model.stem=cifar_s2", "model.width=0.25",
          "method.vicreg.expander_hidden=32", "method.vicreg.expander_out=16"]  # fmt: skip
 
 
 def _model(*extra: str) -> VICReg:
-    torch.manual_seed(0)
-    model = build_method(load_config(None, [*SMALL, *extra]), INFO)
-    assert isinstance(model, VICReg)
-    return model
+    return seeded_method(VICReg, [*SMALL, *extra], INFO)
 
 
 def _formula(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> tuple[float, float, float]:

@@ -24,18 +24,17 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from torchrun import save_and_leave
-from torchrun import two_process_results as run_two_processes
+from methodkit import gray
+from torchrun import results_fixture, save_and_leave
 
 from selfsup.config import load_config
-from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
 from selfsup.pretrain.distributed import all_gather_grad, get_rank, get_world_size
 from selfsup.pretrain.methods.barlow_twins import barlow_twins_loss, cross_correlation
 from selfsup.pretrain.methods.vicreg import vicreg_terms
 
 GLOBAL_N, SIDE = 8, 12
-INFO = DataInfo(channels=1, image_size=SIDE, mean=(0.5,), std=(0.25,))
+INFO = gray(SIDE)
 HEADS = {"vicreg": ["method.vicreg.expander_hidden=24", "method.vicreg.expander_out=12"],
          "barlow_twins": ["method.barlow_twins.proj_hidden=24", "method.barlow_twins.proj_out=12"]}  # fmt: skip
 # name -> (method, dtype, variant); "exact" is the method's own loss_from_views
@@ -143,10 +142,7 @@ def _worker(out_path: str) -> None:
 
 
 # ---------------------------------------------------------------- the checks
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("ddp_vicreg_barlow") / "results.pt"
-    return run_two_processes(__file__, out)
+two_process_results = results_fixture(__file__)
 
 
 def rel_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -18,6 +19,17 @@ def two_process_results(script: str | Path, out: Path) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+def results_fixture(script: str | Path):
+    """A module-scoped ``two_process_results`` fixture: the 2-process results of ``script``, run once
+    per module. In a test file: ``two_process_results = results_fixture(__file__)``."""
+
+    @pytest.fixture(scope="module", name="two_process_results")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> dict:
+        return two_process_results(script, tmp_path_factory.mktemp(Path(script).stem) / "results.pt")
+
+    return fixture
 
 
 def save_and_leave(results: dict, out_path: str | Path) -> None:
