@@ -354,14 +354,22 @@ class Views(nn.Module):
         )
 
     def _jitter(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        """Brightness, contrast, saturation, hue as torchvision/PIL define them (fixed order)."""
-        b, c, s, h = factors.unbind(1)
-        x = kornia.enhance.adjust_brightness_accumulative(x, b)
-        x = kornia.enhance.adjust_contrast_with_mean_subtraction(x, c).clamp_(0.0, 1.0)
-        if x.shape[1] == 3:
-            x = kornia.enhance.adjust_saturation_with_gray_subtraction(x, s)
+        """Brightness, contrast, saturation, hue as torchvision/PIL define them (fixed order).
+
+        Bitwise Kornia's ``adjust_brightness_accumulative``, ``adjust_contrast_with_mean_subtraction``
+        and ``adjust_saturation_with_gray_subtraction`` (the same products and sums, tested), written
+        in place after the first op: at 224 px each of Kornia's ops allocates two or three images.
+        """
+        b, c, s, h = factors.to(x.dtype).view(-1, 4, 1, 1, 1).unbind(1)
+        x = (x * b).clamp_(0.0, 1.0)  # a new tensor: x itself is read again by on_rows' torch.where
+        rgb = x.shape[1] == 3
+        mean = kornia.color.rgb_to_grayscale(x).mean((-2, -1), True) if rgb else x.mean((-3, -2, -1), True)
+        x.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
+        if rgb:
+            gray = (1 - s) * kornia.color.rgb_to_grayscale(x)  # before x changes
+            x.mul_(s).add_(gray).clamp_(0.0, 1.0)
             if self.jitter_range[3] > 0:
-                x = shift_hue(x, h)
+                x = shift_hue(x, h.view(-1))
         return x
 
     def forward(

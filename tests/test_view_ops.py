@@ -80,3 +80,32 @@ def test_one_image_chunks_with_every_op_on_every_row(monkeypatch):
     chunked = views(x, generator=torch.Generator().manual_seed(2))
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_in_place_jitter_is_bitwise_kornias_chain(channels):
+    """``Views._jitter`` against Kornia's brightness, contrast, saturation functions and
+    ``shift_hue`` called one after the other, as the recipe did before it wrote in place."""
+    from selfsup.augment.ops import shift_hue
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(9, channels, 17, 13, generator=g)
+    x[0] = 1.0  # saturated pixels: the clamps between the ops matter
+    lows, highs = torch.tensor([0.2, 0.2, 0.2, -0.5]), torch.tensor([1.8, 1.8, 1.8, 0.5])
+    factors = lows + (highs - lows) * torch.rand(9, 4, generator=g)
+    b, c, s, h = factors.unbind(1)
+    ref = kornia.enhance.adjust_brightness_accumulative(x, b)
+    ref = kornia.enhance.adjust_contrast_with_mean_subtraction(ref, c).clamp(0.0, 1.0)
+    if channels == 3:
+        ref = shift_hue(kornia.enhance.adjust_saturation_with_gray_subtraction(ref, s), h)
+    views = Views(AugmentConfig(recipe="simclr"), channels, 17, [0.5] * channels, [0.25] * channels)
+    before = x.clone()
+    got = views._jitter(x, factors)
+    assert torch.equal(got, ref)
+    assert torch.equal(x, before)  # the input is left as it was (on_rows' torch.where reads it again)
+    # negative control: contrast about each channel's own mean instead of the grey mean
+    if channels == 3:
+        wrong = (x * b.view(-1, 1, 1, 1)).clamp(0, 1)
+        wrong = (wrong * c.view(-1, 1, 1, 1) + wrong.mean((-2, -1), True) * (1 - c.view(-1, 1, 1, 1))).clamp(0, 1)
+        wrong = shift_hue(kornia.enhance.adjust_saturation_with_gray_subtraction(wrong, s), h)
+        assert not torch.allclose(got, wrong)
