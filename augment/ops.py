@@ -68,3 +68,25 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + h.unsqueeze(1), 6.0)
     return v.unsqueeze(1) - c.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def colour_jitter(x: torch.Tensor, factors: torch.Tensor, hue: bool = True) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue (``factors`` [N, 4]) as torchvision/PIL define them,
+    in that order, on grey or RGB ``x`` in [0, 1]; ``x`` itself is left as it was.
+
+    Bitwise Kornia's ``adjust_brightness_accumulative``, ``adjust_contrast_with_mean_subtraction``
+    and ``adjust_saturation_with_gray_subtraction`` then ``shift_hue`` (the same products and sums,
+    tested), written in place after the first op: at 224 px each of Kornia's ops allocates two or
+    three images (1.2-1.3x on this op at 224 px).
+    """
+    b, c, s, h = factors.to(x.dtype).view(-1, 4, 1, 1, 1).unbind(1)
+    x = (x * b).clamp_(0.0, 1.0)  # a new tensor: on_rows' torch.where reads x again
+    rgb = x.shape[1] == 3
+    mean = kornia.color.rgb_to_grayscale(x).mean((-2, -1), True) if rgb else x.mean((-3, -2, -1), True)
+    x.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
+    if rgb:
+        gray = (1 - s) * kornia.color.rgb_to_grayscale(x)  # before x changes
+        x.mul_(s).add_(gray).clamp_(0.0, 1.0)
+        if hue:
+            x = shift_hue(x, h.view(-1))
+    return x

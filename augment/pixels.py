@@ -27,7 +27,7 @@ def check_channels(cfg, channels: int) -> None:
 def channel_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Colour jitter for C not in {1, 3}: brightness then contrast, each channel around its own
     mean (hue and saturation have no meaning without RGB). ``factors`` is ``[B, 4]`` as
-    ``Views._jitter`` takes it (brightness, contrast, saturation, hue); the last two are unused."""
+    ``ops.colour_jitter`` takes it (brightness, contrast, saturation, hue); the last two are unused."""
     b = factors[:, 0].view(-1, 1, 1, 1)
     c = factors[:, 1].view(-1, 1, 1, 1)
     x = (x * b).clamp_(0.0, 1.0)

@@ -20,12 +20,13 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 
 import kornia
 import torch
 from torch import nn
 
-from selfsup.augment.ops import gaussian_blur, on_rows, shift_hue, take
+from selfsup.augment.ops import colour_jitter, gaussian_blur, on_rows, take
 from selfsup.augment.pixels import channel_jitter, check_channels, to_unit
 from selfsup.data_info import DataInfo
 
@@ -318,7 +319,8 @@ class Views(nn.Module):
         x = to_unit(x)
         x = self._crop_flip(x, p)
         if self.jitter_p > 0:
-            jit = self._jitter if self.channels in (1, 3) else channel_jitter  # pixels.py: C not 1, 3
+            rgb_or_gray = self.channels in (1, 3)  # else pixels.py's per-channel jitter
+            jit = partial(colour_jitter, hue=self.jitter_range[3] > 0) if rgb_or_gray else channel_jitter
             x = on_rows(x, p.jitter_on, lambda v, i: jit(v, take(p.jitter, i)))
         if self.gray_p > 0:
             x = on_rows(x, p.gray, lambda v, i: kornia.color.rgb_to_grayscale(v).expand_as(v))
@@ -352,25 +354,6 @@ class Views(nn.Module):
         return kornia.geometry.transform.crop_by_transform_mat(
             x, mat, (size, size), mode="bilinear", padding_mode="border", align_corners=True
         )
-
-    def _jitter(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        """Brightness, contrast, saturation, hue as torchvision/PIL define them (fixed order).
-
-        Bitwise Kornia's ``adjust_brightness_accumulative``, ``adjust_contrast_with_mean_subtraction``
-        and ``adjust_saturation_with_gray_subtraction`` (the same products and sums, tested), written
-        in place after the first op: at 224 px each of Kornia's ops allocates two or three images.
-        """
-        b, c, s, h = factors.to(x.dtype).view(-1, 4, 1, 1, 1).unbind(1)
-        x = (x * b).clamp_(0.0, 1.0)  # a new tensor: x itself is read again by on_rows' torch.where
-        rgb = x.shape[1] == 3
-        mean = kornia.color.rgb_to_grayscale(x).mean((-2, -1), True) if rgb else x.mean((-3, -2, -1), True)
-        x.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
-        if rgb:
-            gray = (1 - s) * kornia.color.rgb_to_grayscale(x)  # before x changes
-            x.mul_(s).add_(gray).clamp_(0.0, 1.0)
-            if self.jitter_range[3] > 0:
-                x = shift_hue(x, h.view(-1))
-        return x
 
     def forward(
         self, images: torch.Tensor, n_views: int = 2, generator: torch.Generator | None = None

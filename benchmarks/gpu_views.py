@@ -22,7 +22,7 @@ import torch
 from _common import ROOT, Part, SyncCounter
 from bench_augment import MEAN, STD
 
-from selfsup.augment.ops import gaussian_blur
+from selfsup.augment.ops import colour_jitter, gaussian_blur
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
 from selfsup.pretrain.build import build_method
@@ -42,7 +42,7 @@ def view_ops(views, x8: torch.Tensor):
     x01 = views._crop_flip(x8.float() / 255, p)
     return {
         "crop_flip": lambda: views._crop_flip(x8.float() / 255, p),
-        "jitter": lambda: views._jitter(x01, p.jitter),
+        "jitter": lambda: colour_jitter(x01, p.jitter),
         "blur": lambda: gaussian_blur(x01, p.sigma, views.blur_kernel),
         "apply": lambda: views.apply(x8, p),
     }

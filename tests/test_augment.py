@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.augment.views import AugmentConfig, Views, build_views, normalize, shift_hue
+from selfsup.augment.ops import shift_hue
+from selfsup.augment.views import AugmentConfig, Views, build_views, normalize
 from selfsup.data_info import DataInfo
 
 # mean 0 / std 1: outputs are the [0, 1] pixels, so tests can read them directly.
