@@ -10,9 +10,10 @@ per step (24x).
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
 import torch
+from _common import CONFIGS, Device
 
 from selfsup.config import load_config
 from selfsup.data_info import DataInfo
@@ -23,17 +24,17 @@ from selfsup.pretrain.loop.train import cpu_runs_bf16
 def main() -> None:
     torch.set_num_threads(2)
     print(f"oneDNN bf16 kernels on this CPU: {cpu_runs_bf16()}")
-    model = build_method(load_config("configs/simclr_demo.yaml", []), DataInfo(1, 28, (0.5,), (0.25,))).train()
+    model = build_method(load_config(CONFIGS / "simclr_demo.yaml", []), DataInfo(1, 28, (0.5,), (0.25,))).train()
     x = torch.randint(0, 256, (128, 1, 28, 28), dtype=torch.uint8)
-    for precision in ("fp32", "bf16", "fp32", "bf16"):
-        times = []
-        for _ in range(4):
-            t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss, _ = model(x)
-            loss.backward()
-            times.append(time.perf_counter() - t)
-        print(f"{precision}: {min(times[1:]) * 1e3:.0f} ms per step (batch 128)")
+
+    def step(bf16: bool) -> None:  # forward (views included) and backward
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = model(x)
+        loss.backward()
+
+    for precision in ("fp32", "bf16", "fp32", "bf16"):  # alternating rounds
+        timing = Device(cuda=False).time_ms(partial(step, precision == "bf16"), reps=3)
+        print(f"{precision}: {timing['min_ms']:.0f} ms per step (batch 128)")
 
 
 if __name__ == "__main__":
