@@ -25,7 +25,7 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mkdocs build --strict --site-dir "$$(mktemp -d)"  # not --quiet: it hides the warnings --strict counts
-	$(BIN)/pytest -q -ra --durations=15 -n 2 --dist loadgroup  # two workers, one test file each (tests/conftest.py)
+	$(BIN)/pytest -q -ra --durations=15
 
 test-fast: $(BIN)/.installed
 	$(BIN)/pytest -q -m "not slow and not slurm"

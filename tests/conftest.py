@@ -63,16 +63,3 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 # The fault tests' shard sets and reference runs (tests/faultruns.py), registered here so that
 # test_faults.py and test_two_nodes.py share one session-wide copy instead of one per module.
 from faultruns import fault_refs_fixture, fault_sets_fixture  # noqa: E402, F401
-
-# Test files that start namespaces or SLURM daemons, and test_faults (its reference runs are shared
-# with test_two_nodes): under `pytest -n 2` (make test) they run one after another on one worker, so
-# two clusters never compete for namespaces, addresses or cores and the references are built once.
-SYSTEM_FILES = {"test_faults.py", "test_two_nodes.py", "test_slurm.py", "test_slurm_two_nodes.py"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist's ``--dist loadgroup``, a test file is one unit: its module-scoped fixtures
-    (the 2-process results, the trained runs) are built once, on one worker, not once per worker."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("system" if name in SYSTEM_FILES else name))
