@@ -51,6 +51,21 @@ def embedded_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def embedded_fifth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Every 5th image of the embedded train split and every 4th of its test split (2000 / 500, all
+    ten classes): evaluation end to end at a fifth of the full set's cost."""
+    root = tmp_path_factory.mktemp("embedded-fifth")
+    out = {}
+    for split, every in (("train", 5), ("test", 4)):
+        src = embedded(split)
+        sub = ArraySource(split, src.images[::every], src.labels[::every], src.classes)
+        opts = ShardOptions(name=split, split=split, samples_per_shard=500, progress=False)
+        write_shards(iter(sub), root / split, sub.classes, opts, total=len(sub))
+        out[split] = str(root / split)
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """1024 embedded training images in 5 uneven shards: fast enough for many short runs."""
     src = embedded("train")
