@@ -50,7 +50,7 @@ def test_demo_end_to_end_with_tiny_budget(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "selfsup.launch.cli", "demo", "--out", str(out),
-         "--minutes", "0.25", "--processes", "2"],
+         "--minutes", "0.1", "--processes", "2"],
         capture_output=True,
         text=True,
         timeout=900,
