@@ -27,7 +27,7 @@ STEPS = 64  # 2 epochs of 32 steps (1024 samples, global batch 32)
 
 def _cmd(run: Path, shards: str, nproc: int, workers: int, trace: Path, *extra: str) -> list[str]:
     args = [str(HERE / "keytrace.py"), "pretrain", f"data.train={shards}", f"run_dir={run}", *SMALL,
-            f"data.workers={workers}", "log.wandb=offline", f"train.max_steps={STEPS}", "train.checkpoint_every=4",
+            f"data.workers={workers}", "log.wandb=off", f"train.max_steps={STEPS}", "train.checkpoint_every=4",
             "train.keep_checkpoints=0", "train.dist_timeout_s=60", "--resume", "auto", *extra]  # fmt: skip
     env_prefix = [sys.executable]
     if nproc > 1:

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch" / "cluster"
 SBATCH = LAUNCH / "pretrain_cpu.sbatch"
 RECIPE = REPO / "configs" / "simclr_demo.yaml"
-STEPS = 40
+STEPS = 24
 # Small enough for 2 shared cores, with a metrics row every step so the test can see training.
 OVERRIDES = [f"train.max_steps={STEPS}", "data.batch_size=32", "data.workers=1",
              "train.log_every=1", "train.checkpoint_every=0", "log.progress=false"]
