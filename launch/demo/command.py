@@ -12,8 +12,8 @@ Every step runs as a subprocess of the same Python (``python -m selfsup.launch.c
 user types, and a failing step stops the demo with its command and exit code. Output is streamed.
 
 By default the demo trains for the recipe's ``train.epochs`` (55 epochs of the embedded set in
-``configs/simclr_ae_demo.yaml``, about 8 minutes on 2 CPU cores), so its table is reproducible:
-training on CPU is deterministic. With ``--minutes M`` it instead measures this machine's
+``configs/simclr_ae_demo.yaml``: about 9 minutes on 2 AVX-512 CPU cores, about 30 on 2 AVX2-only
+ones), so its table is reproducible: training on CPU is deterministic. With ``--minutes M`` it instead measures this machine's
 training speed with a few steps of the same command and sizes ``train.max_steps`` to M minutes,
 so the learning rate still anneals to zero inside the budget (most of SimCLR's gain comes as the
 rate falls); ``train.max_steps=...`` or ``train.epochs=...`` overrides skip the measurement.
