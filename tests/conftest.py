@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from embedded_sets import write_every_kth
 
 from selfsup.pretrain.data.datasets import ArraySource, embedded
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
@@ -40,29 +41,14 @@ def one_thread():
 @pytest.fixture(scope="session")
 def embedded_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The embedded Fashion-MNIST subset as shard sets: {"train": dir (10k), "test": dir (2k)}."""
-    root = tmp_path_factory.mktemp("embedded")
-    out = {}
-    for split in ("train", "test"):
-        src = embedded(split)
-        opts = ShardOptions(name=split, split=split, samples_per_shard=1000, progress=False)
-        write_shards(iter(src), root / split, src.classes, opts, total=len(src))
-        out[split] = str(root / split)
-    return out
+    return write_every_kth(tmp_path_factory.mktemp("embedded"), {"train": 1, "test": 1})
 
 
 @pytest.fixture(scope="session")
 def embedded_fifth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Every 5th image of the embedded train split and every 4th of its test split (2000 / 500, all
     ten classes): evaluation end to end at a fifth of the full set's cost."""
-    root = tmp_path_factory.mktemp("embedded-fifth")
-    out = {}
-    for split, every in (("train", 5), ("test", 4)):
-        src = embedded(split)
-        sub = ArraySource(split, src.images[::every], src.labels[::every], src.classes)
-        opts = ShardOptions(name=split, split=split, samples_per_shard=500, progress=False)
-        write_shards(iter(sub), root / split, sub.classes, opts, total=len(sub))
-        out[split] = str(root / split)
-    return out
+    return write_every_kth(tmp_path_factory.mktemp("embedded-fifth"), {"train": 5, "test": 4}, 500)
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from embedded_sets import write_every_kth
 from PIL import Image
 
 from selfsup.config import load_config
 from selfsup.launch.demo.compare import CONFIGS, Entry, assign_baselines, demo_methods, pick_methods
-from selfsup.pretrain.data.datasets import ArraySource, embedded
-from selfsup.pretrain.data.shards import ShardOptions, write_shards
 from selfsup.pretrain.methods import METHODS
 
 METRICS = ("linear_top1", "knn_top1_k20", "knn_top1_k200", "recall@1", "map@r",
@@ -39,11 +38,7 @@ def selfsup_demo(*args: str, timeout: float = 900) -> tuple[subprocess.Completed
 
 def write_small_shards(data: Path) -> None:
     """Every 20th train and 8th test image of the embedded set (500 / 250, all classes)."""
-    for split, every in (("train", 20), ("test", 8)):
-        src = embedded(split)
-        sub = ArraySource(split, src.images[::every], src.labels[::every], src.classes)
-        write_shards(iter(sub), data / split, sub.classes,
-                     ShardOptions(name=split, split=split, progress=False))  # fmt: skip
+    write_every_kth(data, {"train": 20, "test": 8})
 
 
 @pytest.fixture(scope="module")
