@@ -208,3 +208,23 @@ def test_report_goes_to_active_wandb_run(tmp_path, monkeypatch):
         run.finish()
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["models"] == models
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_report_without_a_wandb_run_does_not_import_wandb(tmp_path):
+    # an eval outside a W&B run (an export, log.wandb=off) writes its report without importing wandb
+    # (~1 s per eval); the planted variant imports it to ask wandb.run, as the report once did
+    code = """
+import sys
+from pathlib import Path
+from selfsup.eval import report
+if sys.argv[2] == "planted":
+    report.log_wandb = lambda r: __import__("wandb").run is not None
+report.write_report({"meta": {}, "models": {"pretrained": {"knn_top1_k20": 81.5}}}, Path(sys.argv[1]))
+print("wandb" in sys.modules)
+"""
+    for variant, imported in (("ours", "False"), ("planted", "True")):
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / variant), variant],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == imported, variant
+        assert (tmp_path / variant / "report.json").is_file()
