@@ -27,7 +27,10 @@ per image and decode µs per image for raw/PNG/JPEG q95 at 28/32/64/96/224 px, g
 synthetic images with natural-image statistics (1/f amplitude spectrum: PNG/JPEG compress them
 about as well as photographs, unlike the flat procedural shapes). ``--overhead`` times one shard
 reader worker (``ShardStream``, workers=0, batches collated) against a bare PIL decode loop over
-the same payload bytes, interleaved, at 96 and 224 px RGB, and prints reader/bare:
+the same payload bytes at 96 and 224 px RGB, in interleaved pairs of passes, in CPU time, and
+prints the median of reader/bare over the pairs with the lowest and highest pair (on a shared
+machine single passes moved by +-20 %; for a figure that does not move, count instructions with
+``valgrind --tool=cachegrind``, docs/data.md):
 
     .venv/bin/python benchmarks/bench_reader.py --decode-table --overhead --repeats 3
 """
@@ -37,6 +40,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -50,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from selfsup.pretrain.data.datasets import ArraySource, embedded, shapes
 from selfsup.pretrain.data.shards import ShardOptions, encode_image, shuffled, write_shards
 from selfsup.pretrain.data.stream import ShardLoader, ShardSet, ShardStream
+from selfsup.pretrain.data.tar_reader import tar_samples
 
 READERS = ("shards-raw", "shards-png", "png-folder")
 
@@ -181,9 +189,13 @@ def decode_table(sizes: list[int], n: int, repeats: int) -> None:
 
 
 def overhead(sizes: list[int], n: int, batch: int, repeats: int, tmp: Path) -> None:
-    """Shard reader (one worker) vs the bare decode loop over the same bytes, interleaved."""
-    print(f"\nreader vs bare decode, one worker, RGB, {n} images, batch {batch}, best of {repeats} (interleaved)")
-    print(f"{'px':>5}{'enc':>6}{'B/img':>9}{'reader img/s':>14}{'bare img/s':>12}{'overhead':>10}")
+    """Shard reader (one worker) vs the bare decode loop over the same bytes, in pairs: each repeat
+    times one reader pass then one bare pass, in CPU seconds of this process (``time.process_time``:
+    time the scheduler gives to other users of a shared machine does not count), and the overhead is
+    the median over the pairs of reader/bare - 1, with the lowest and highest pair beside it."""
+    print(f"\nreader vs bare decode, one worker, RGB, {n} images, batch {batch}, {repeats} interleaved pairs, "
+          "CPU time")
+    print(f"{'px':>5}{'enc':>6}{'B/img':>9}{'reader µs/img':>15}{'bare µs/img':>13}{'overhead':>10}{'pairs min..max':>17}")
     for size in sizes:
         imgs = natural(n, size, 3)
         src = ArraySource(f"n{size}", imgs, np.zeros(n, np.int64), ["x"])
@@ -193,17 +205,62 @@ def overhead(sizes: list[int], n: int, batch: int, repeats: int, tmp: Path) -> N
             write_shards(iter(src), out, src.classes, opts, total=n)
             ss = ShardSet.open(out)
             payloads = [encode_image(im, enc) for im in imgs]
-            rd = bare = 0.0
+            rd, bare, ratios = [], [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 k = sum(b["images"].shape[0] for b in ShardLoader(ShardStream(ss, batch, workers=0, seed=0)))
-                rd = max(rd, k / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
+                rd.append((time.process_time() - t0) / k)
+                t0 = time.process_time()
                 for b in payloads:
                     bare_decode(b, enc, imgs.shape[1:])
-                bare = max(bare, n / (time.perf_counter() - t0))
-            print(f"{size:>5}{enc:>6}{np.mean([len(b) for b in payloads]):>9,.0f}{rd:>14,.0f}{bare:>12,.0f}"
-                  f"{bare / rd - 1:>9.1%}", flush=True)
+                bare.append((time.process_time() - t0) / n)
+                ratios.append(rd[-1] / bare[-1] - 1)
+            print(f"{size:>5}{enc:>6}{np.mean([len(b) for b in payloads]):>9,.0f}{np.median(rd) * 1e6:>15.1f}"
+                  f"{np.median(bare) * 1e6:>13.1f}{np.median(ratios):>9.1%}"
+                  f"{f'{min(ratios):.0%}..{max(ratios):.0%}':>17}", flush=True)
+
+
+def one_part(folder: str, enc: str, part: str, batch: int) -> None:
+    """One pass of ``part`` over a written set (``reader``, ``bare``, or ``none``: only load the
+    payloads, the part the other two share): the process ``--instructions`` counts."""
+    ss = ShardSet.open(folder)
+    payloads = [s[ss.extension] for url in ss.urls for s in tar_samples(url)]
+    if part == "reader":
+        sum(b["images"].shape[0] for b in ShardLoader(ShardStream(ss, batch, workers=0, seed=0)))
+    elif part == "bare":
+        for b in payloads:
+            bare_decode(b, enc, (ss.height, ss.width, ss.channels))
+
+
+def instructions(sizes: list[int], n: int, batch: int, tmp: Path) -> None:
+    """Instructions per image of the reader and of the bare decode (valgrind cachegrind: user space
+    only, system calls not counted), each minus a pass that only loads the payloads. The same on
+    every run of one machine, where the time moves by +-20 %."""
+    if shutil.which("valgrind") is None:
+        print("\n--instructions needs valgrind (apt install valgrind)")
+        return
+    print(f"\nreader vs bare decode, instructions per image (thousands), RGB, {n} images, batch {batch}")
+    print(f"{'px':>5}{'enc':>6}{'reader kinstr':>15}{'bare kinstr':>13}{'overhead':>10}")
+    for size in sizes:
+        imgs = natural(n, size, 3)
+        src = ArraySource(f"n{size}", imgs, np.zeros(n, np.int64), ["x"])
+        for enc in ("jpeg", "png"):
+            out = tmp / f"ir-{size}-{enc}"
+            write_shards(iter(src), out, src.classes,
+                         ShardOptions(name="train", encoding=enc, samples_per_shard=1000, progress=False), total=n)  # fmt: skip
+            procs = {part: subprocess.Popen(
+                ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                 sys.executable, __file__, "--part", str(out), enc, part, "--batch", str(batch)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for part in ("none", "reader", "bare")}  # fmt: skip
+            count = {}
+            for part, proc in procs.items():
+                err = proc.communicate()[1]
+                found = re.search(r"I\s+refs:\s+([\d,]+)", err)
+                if proc.returncode != 0 or found is None:
+                    raise SystemExit(f"valgrind {part} failed:\n{err[-2000:]}")
+                count[part] = int(found.group(1).replace(",", ""))
+            rd, bare = ((count[k] - count["none"]) / n for k in ("reader", "bare"))
+            print(f"{size:>5}{enc:>6}{rd / 1e3:>15,.0f}{bare / 1e3:>13,.0f}{rd / bare - 1:>9.1%}", flush=True)
 
 
 def main() -> None:
@@ -221,7 +278,18 @@ def main() -> None:
     p.add_argument("--table-sizes", type=int, nargs="+", default=[28, 32, 64, 96, 224])
     p.add_argument("--overhead-sizes", type=int, nargs="+", default=[96, 224])
     p.add_argument("--overhead-n", type=int, default=2048, help="images per --overhead set")
+    p.add_argument("--instructions", action="store_true",
+                   help="reader vs bare decode in instructions per image (valgrind) at --overhead-sizes")
+    p.add_argument("--part", nargs=3, metavar=("FOLDER", "ENC", "PART"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.part:
+        one_part(*args.part, args.batch)
+        return
+    if args.instructions:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmpdir:
+            instructions(args.overhead_sizes, args.overhead_n, args.batch, Path(tmpdir))
+        if not (args.decode_table or args.overhead):
+            return
     if args.decode_table or args.overhead:
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
         if args.decode_table:

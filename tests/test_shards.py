@@ -130,6 +130,42 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path: Path) -> None:
     assert a != _all_keys(ss, 16, 2, 2, epoch=1, seed=6)
 
 
+def _reference_shuffle(items: list, rng: np.random.Generator, size: int, overdraw: bool = False) -> list:
+    """The shuffle buffer with one ``rng.integers`` call per item (the stream's draws, written out);
+    ``overdraw``: a planted variant that draws a whole block ahead, past the items it needs."""
+    buf, out = [], []
+    ahead = rng.integers(size, size=1024).tolist() if overdraw else []
+    for s in items:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        j = ahead.pop(0) if ahead else int(rng.integers(size))
+        buf[j], s = s, buf[j]
+        out.append(s)
+    rng.shuffle(buf)
+    return out + buf
+
+
+@pytest.mark.parametrize("buffer", [7, 40, 229, 230, 1000])
+def test_shuffle_buffer_order_is_one_draw_per_sample(tmp_path: Path, buffer: int) -> None:
+    # the stream draws the buffer's swaps in blocks; the order it delivers is the one single draws
+    # give (an independent, written-out buffer over the plan's sample sequence), for buffers smaller
+    # than, equal to and larger than the epoch; the planted over-drawing variant differs
+    ss = _write(tmp_path, _source(230), samples_per_shard=33)
+    stream = ShardStream(ss, 5, seed=3, shuffle_buffer=buffer, drop_last=False)
+    stream.epoch = 2
+    keys = [k for b in ShardLoader(stream) for k in b["keys"]]
+    (plan,), _ = stream.plan()
+    seq = []  # the samples in the order the plan reads them, keys listed by stdlib tarfile
+    for shard, lo, hi in plan.segments:
+        with tarfile.open(ss.urls[shard]) as tf:
+            names = list(dict.fromkeys(m.name.split(".")[0] for m in tf.getmembers()))
+        seq += names[lo:hi]
+    assert len(seq) == 230 and keys == _reference_shuffle(seq, stream.sample_rng(0), buffer)
+    if buffer < 230:
+        assert keys != _reference_shuffle(seq, stream.sample_rng(0), buffer, overdraw=True)
+
+
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_resume_mid_epoch_continues_exactly(tmp_path: Path, workers: int) -> None:
     ss = _write(tmp_path, _source(), samples_per_shard=33)

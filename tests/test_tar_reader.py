@@ -12,7 +12,7 @@ import webdataset as wds
 
 from selfsup.pretrain.data.datasets import ArraySource
 from selfsup.pretrain.data.shards import ShardOptions, write_shards
-from selfsup.pretrain.data.tar_reader import TarReadError, tar_samples
+from selfsup.pretrain.data.tar_reader import TarReadError, _byte_sum, tar_samples
 
 
 def _shard(tmp: Path, encoding: str = "png", n: int = 12) -> Path:
@@ -46,6 +46,10 @@ def test_long_names_pax_and_gnu_and_directories(tmp_path: Path) -> None:
             info = tarfile.TarInfo("dir")
             info.type = tarfile.DIRTYPE
             tf.addfile(info)
+            for meta in ("__meta__", "__info__/a.png", "x/__k__.png"):  # webdataset's metadata: skipped
+                info = tarfile.TarInfo(meta)
+                info.size = 3
+                tf.addfile(info, __import__("io").BytesIO(b"abc"))
             for i, key in enumerate([long if fmt != tarfile.USTAR_FORMAT else "p" * 90 + "/" + "k" * 60, "b/short"]):
                 for ext, data in (("png", bytes([i]) * 700), ("cls", b"1")):
                     info = tarfile.TarInfo(f"{key}.{ext}")
@@ -66,3 +70,11 @@ def test_truncated_or_corrupt_shard_names_it(tmp_path: Path) -> None:
     path.write_bytes(bytes(bad))
     with pytest.raises(TarReadError, match=f"{path.name}.*checksum"):
         list(tar_samples(str(path)))
+
+
+def test_header_byte_sum_is_pythons_sum() -> None:
+    # the checksum's byte sum in C (two Adler-32 halves) against sum() over the bytes, at the extremes
+    # (all 0xFF: 130,560, above Adler's modulus 65,521) and on random headers
+    rng = np.random.default_rng(0)
+    headers = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), *(rng.bytes(512) for _ in range(200))]
+    assert [_byte_sum(h) for h in headers] == [sum(h) for h in headers]

@@ -44,7 +44,7 @@ def consumed_mask(stream_cls, shardset, *, batch: int, world: int, workers: int,
             if n == 0:
                 continue
             seq = np.concatenate([s.seq_positions(seg) for seg in plan.segments]) if plan.segments else np.zeros(0, int)
-            order = list(s._shuffled(iter(seq.tolist()), s.sample_rng(w)))
+            order = list(s._shuffled(iter(seq.tolist()), s.sample_rng(w), len(seq)))
             done[np.asarray(order[: sum(plan.batch_sizes[:n])], dtype=np.int64)] = True
     return done
 

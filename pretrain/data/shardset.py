@@ -8,6 +8,7 @@ reported on stderr. ``selfsup.pretrain.stream`` plans and streams the samples of
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -149,7 +150,7 @@ class ShardSet:
                 bad.append((i, f"{p}: sha256 differs from the manifest"))
         return bad
 
-    @property
+    @functools.cached_property  # asked once per decoded sample; the manifest's values do not change
     def planar(self) -> bool:
         """Encoded RGB images from ``BANDS_FROM_PIXELS`` are unpacked plane by plane, each straight into
         its slot of a C-contiguous batch; the rest is stacked as stored, [H, W, C]: channels-last."""
