@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from selfsup.pretrain.data.elastic import pack, to_segments, unpack
 from selfsup.pretrain.data.shardset import ShardError, ShardSet, rank_and_world  # noqa: F401 - re-exported
+from selfsup.pretrain.data.shuffle_buffer import shuffle_buffer
 from selfsup.pretrain.data.tar_reader import tar_samples
 
 POOL = 256  # readable samples a worker keeps to pad batches with
-_DRAW_BLOCK = 1024  # shuffle-buffer draws made at once
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -196,33 +196,10 @@ class ShardStream(IterableDataset):
                 yield from [None] * (want - got)
 
     def _shuffled(self, it: Iterator, rng: np.random.Generator, n: int) -> Iterator:
-        """A shuffle buffer over ``it``, which yields ``n`` items. Once the buffer is full each item
-        swaps with a random slot; those draws are made in blocks (``rng.integers(size, size=k)``
-        gives the same numbers as ``k`` single draws), ~3 µs per sample less than one call each, and
-        never beyond the ``n - size`` draws the stream needs, so the final ``rng.shuffle`` of the
-        buffer sees the same generator state as with single draws."""
-        size = self.shuffle_buffer
-        if not self.shuffle or size <= 1:
-            yield from it
-            return
-        buf: list = []
-        left = max(n - size, 0)
-        draws: Iterator[int] = iter(())
-        for s in it:
-            if len(buf) < size:
-                buf.append(s)
-                continue
-            j = next(draws, None)
-            if j is None:
-                k, left = min(left, _DRAW_BLOCK), left - min(left, _DRAW_BLOCK)
-                draws = iter(rng.integers(size, size=k).tolist())
-                j = next(draws, None)
-                if j is None:  # more items than n: one draw each
-                    j = int(rng.integers(size))
-            buf[j], s = s, buf[j]
-            yield s
-        rng.shuffle(buf)
-        yield from buf
+        """``it`` (``n`` items) through the shuffle buffer (``data/shuffle_buffer.py``), or as it is."""
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            return it
+        return shuffle_buffer(it, rng, self.shuffle_buffer, n)
 
     def _decode(self, raw: dict | None, out: np.ndarray | None = None) -> tuple[np.ndarray, int, str] | None:
         if raw is None:
