@@ -22,16 +22,13 @@ import webdataset as wds
 from PIL import Image
 
 from selfsup.pretrain.data.shards import FORMAT, MANIFEST
+from selfsup.pretrain.data.tar_reader import is_url
 
 _REQUIRED = ("format", "encoding", "extension", "image_size", "channels", "classes", "num_samples", "shards")
 
 
 class ShardError(ValueError):
     """A shard set is missing, empty, inconsistent with its manifest, or too corrupt to use."""
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
 
 
 # Encoded RGB images from this many pixels are unpacked plane by plane (benchmarks/bench_reader.py
@@ -81,7 +78,7 @@ class ShardSet:
         path = str(path)
         if path.endswith(MANIFEST):
             path = path[: -len(MANIFEST)].rstrip("/") or "."
-        if _is_url(path):
+        if is_url(path):
             with wds.gopen(f"{path.rstrip('/')}/{MANIFEST}", "rb") as f:
                 manifest = json.load(f)
         else:
@@ -107,7 +104,7 @@ class ShardSet:
         if sum(counts) != manifest["num_samples"]:
             raise ShardError(f"{path}/{MANIFEST}: shards hold {sum(counts)} samples, total says {manifest['num_samples']}")
         shardset = cls(path, manifest)
-        bad = [] if _is_url(path) else shardset._bad_files(verify_hashes)
+        bad = [] if is_url(path) else shardset._bad_files(verify_hashes)
         if bad and on_bad_shard == "error":
             more = f" (and {len(bad) - 1} more bad shard(s))" if len(bad) > 1 else ""
             raise ShardError(f"{bad[0][1]}{more}; data.on_bad_shard=skip trains on the others")

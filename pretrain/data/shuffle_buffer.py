@@ -25,7 +25,8 @@ def shuffle_buffer(it: Iterator, rng: np.random.Generator, size: int, n: int) ->
             continue
         j = next(draws, None)
         if j is None:
-            k, left = min(left, DRAW_BLOCK), left - min(left, DRAW_BLOCK)
+            k = min(left, DRAW_BLOCK)
+            left -= k
             draws = iter(rng.integers(size, size=k).tolist())
             j = next(draws, None)
             if j is None:  # more items than n: one draw each

@@ -104,11 +104,16 @@ def tar_members(f, url: str) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
+def is_url(path: str) -> bool:
+    """A shard location webdataset opens (``http://``, ``s3://``, ``pipe:``...), not a local path."""
+    return "://" in path or path.startswith("pipe:")
+
+
 def _open(url: str):
     """A local shard through a 64 KiB buffer (Python's default of 8 KiB costs system calls per member
     at 96 px); URLs (``pipe:``, ``http://``, ``-``), or any shard when ``GOPEN_BUFFER`` is set,
     through ``webdataset.gopen`` as before."""
-    if url == "-" or "://" in url or url.startswith("pipe:") or "GOPEN_BUFFER" in os.environ:
+    if url == "-" or is_url(url) or "GOPEN_BUFFER" in os.environ:
         return wds.gopen(url, "rb")
     return open(url, "rb", buffering=_BUFFER)
 
