@@ -220,26 +220,30 @@ def overhead(sizes: list[int], n: int, batch: int, repeats: int, tmp: Path) -> N
                   f"{f'{min(ratios):.0%}..{max(ratios):.0%}':>17}", flush=True)
 
 
-def one_part(folder: str, enc: str, part: str, batch: int) -> None:
-    """One pass of ``part`` over a written set (``reader``, ``bare``, or ``none``: only load the
-    payloads, the part the other two share): the process ``--instructions`` counts."""
+def one_part(folder: str, enc: str, part: str, batch: int, passes: int) -> None:
+    """``passes`` passes of ``part`` over a written set (``reader``, ``bare``, or ``none``: only load
+    the payloads, the part the other two share, once): the process ``--instructions`` counts."""
     ss = ShardSet.open(folder)
     payloads = [s[ss.extension] for url in ss.urls for s in tar_samples(url)]
-    if part == "reader":
-        sum(b["images"].shape[0] for b in ShardLoader(ShardStream(ss, batch, workers=0, seed=0)))
-    elif part == "bare":
-        for b in payloads:
-            bare_decode(b, enc, (ss.height, ss.width, ss.channels))
+    for _ in range(passes if part != "none" else 0):
+        if part == "reader":
+            sum(b["images"].shape[0] for b in ShardLoader(ShardStream(ss, batch, workers=0, seed=0)))
+        elif part == "bare":
+            for b in payloads:
+                bare_decode(b, enc, (ss.height, ss.width, ss.channels))
 
 
-def instructions(sizes: list[int], n: int, batch: int, tmp: Path) -> None:
+def instructions(sizes: list[int], n: int, batch: int, passes: int, tmp: Path) -> None:
     """Instructions per image of the reader and of the bare decode (valgrind cachegrind: user space
-    only, system calls not counted), each minus a pass that only loads the payloads. The same on
-    every run of one machine, where the time moves by +-20 %."""
+    only, system calls not counted), each over ``passes`` passes minus a process that only loads the
+    payloads. Not exactly repeatable: a process's start-up (imports) moves by ~20M instructions from
+    run to run (ASLR, allocation), which the passes spread over passes x n images; the hash seed is
+    fixed. Time on this machine moves by +-20 %; this by well under 1 %."""
     if shutil.which("valgrind") is None:
         print("\n--instructions needs valgrind (apt install valgrind)")
         return
-    print(f"\nreader vs bare decode, instructions per image (thousands), RGB, {n} images, batch {batch}")
+    print(f"\nreader vs bare decode, instructions per image (thousands), RGB, {n} images x {passes} passes, "
+          f"batch {batch}")
     print(f"{'px':>5}{'enc':>6}{'reader kinstr':>15}{'bare kinstr':>13}{'overhead':>10}")
     for size in sizes:
         imgs = natural(n, size, 3)
@@ -250,8 +254,8 @@ def instructions(sizes: list[int], n: int, batch: int, tmp: Path) -> None:
                          ShardOptions(name="train", encoding=enc, samples_per_shard=1000, progress=False), total=n)  # fmt: skip
             procs = {part: subprocess.Popen(
                 ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-                 sys.executable, __file__, "--part", str(out), enc, part, "--batch", str(batch)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for part in ("none", "reader", "bare")}  # fmt: skip
+                 sys.executable, __file__, "--part", str(out), enc, part, "--batch", str(batch), "--instr-passes", str(passes)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}) for part in ("none", "reader", "bare")}  # fmt: skip
             count = {}
             for part, proc in procs.items():
                 err = proc.communicate()[1]
@@ -259,7 +263,7 @@ def instructions(sizes: list[int], n: int, batch: int, tmp: Path) -> None:
                 if proc.returncode != 0 or found is None:
                     raise SystemExit(f"valgrind {part} failed:\n{err[-2000:]}")
                 count[part] = int(found.group(1).replace(",", ""))
-            rd, bare = ((count[k] - count["none"]) / n for k in ("reader", "bare"))
+            rd, bare = ((count[k] - count["none"]) / (n * passes) for k in ("reader", "bare"))
             print(f"{size:>5}{enc:>6}{rd / 1e3:>15,.0f}{bare / 1e3:>13,.0f}{rd / bare - 1:>9.1%}", flush=True)
 
 
@@ -280,14 +284,15 @@ def main() -> None:
     p.add_argument("--overhead-n", type=int, default=2048, help="images per --overhead set")
     p.add_argument("--instructions", action="store_true",
                    help="reader vs bare decode in instructions per image (valgrind) at --overhead-sizes")
+    p.add_argument("--instr-passes", type=int, default=4, help="passes per --instructions count")
     p.add_argument("--part", nargs=3, metavar=("FOLDER", "ENC", "PART"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
-        one_part(*args.part, args.batch)
+        one_part(*args.part, args.batch, args.instr_passes)
         return
     if args.instructions:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmpdir:
-            instructions(args.overhead_sizes, args.overhead_n, args.batch, Path(tmpdir))
+            instructions(args.overhead_sizes, args.overhead_n, args.batch, args.instr_passes, Path(tmpdir))
         if not (args.decode_table or args.overhead):
             return
     if args.decode_table or args.overhead:
