@@ -236,9 +236,9 @@ def one_part(folder: str, enc: str, part: str, batch: int, passes: int) -> None:
 def instructions(sizes: list[int], n: int, batch: int, passes: int, tmp: Path) -> None:
     """Instructions per image of the reader and of the bare decode (valgrind cachegrind: user space
     only, system calls not counted), each over ``passes`` passes minus a process that only loads the
-    payloads. Not exactly repeatable: a process's start-up (imports) moves by ~20M instructions from
-    run to run (ASLR, allocation), which the passes spread over passes x n images; the hash seed is
-    fixed. Time on this machine moves by +-20 %; this by well under 1 %."""
+    payloads. Not exactly repeatable: a process's start-up (imports) moved by ~20M instructions from
+    run to run, which the passes spread over passes x n images (+-3k per image at 4 x 1024, about
+    +-0.3 point of overhead); the hash seed is fixed. Time on this machine moves by +-20 %."""
     if shutil.which("valgrind") is None:
         print("\n--instructions needs valgrind (apt install valgrind)")
         return
