@@ -25,7 +25,8 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mkdocs build --strict --site-dir "$$(mktemp -d)"  # not --quiet: it hides the warnings --strict counts
-	$(BIN)/pytest -q -ra --durations=15
+	$(BIN)/pytest -q -ra --durations=15 -n 2 --dist loadgroup -m "not system"  # two workers (tests/conftest.py)
+	$(BIN)/pytest -q -ra --durations=10 -m system  # namespaces and SLURM daemons, alone
 
 test-fast: $(BIN)/.installed
 	$(BIN)/pytest -q -m "not slow and not slurm"
